@@ -1,0 +1,64 @@
+"""Fields every experiment shares: data, mesh, optimizer, EMA, checkpoints, logging."""
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, known: dict) -> dict:
+    """'tiny' or 'f=8' or 'f=8,tiny' -> {'tiny': True, 'f': 8}; unknown names fail at start."""
+    out = dict(known)
+    if not arg:
+        return out
+    for part in arg.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, _, value = part.partition("=")
+        if key not in known:
+            raise ValueError(f"config argument {key!r} is not known; expected some of {sorted(known)}")
+        if not value:
+            out[key] = True
+        else:
+            default = known[key]
+            out[key] = type(default)(value) if default is not None and not isinstance(default, bool) else value
+    return out
+
+
+def optimizer(lr: float, **kw) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict(dict(
+        name="adamw", lr=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, schedule="constant",
+        warmup_steps=0, decay_steps=0, end_lr_factor=0.0, grad_clip_norm=0.0, grad_accum_steps=1))
+    cfg.update(kw)
+    return cfg
+
+
+def data(name: str = "shapes", **kw) -> ml_collections.ConfigDict:
+    """The loader's fields (latent_diffusion/data/loader.py: DATA_DEFAULTS); unknown keys fail."""
+    from latent_diffusion.data.loader import default_data_config
+    cfg = default_data_config()
+    # FieldReferences so a str can be set on the command line where the default is None.
+    cfg.data_dir = ml_collections.FieldReference(None, field_type=str)
+    cfg.config = ml_collections.FieldReference(None, field_type=str)
+    cfg.version = ml_collections.FieldReference(None, field_type=str)
+    cfg.update(dict(name=name, resolution=64, random_flip=True, num_threads=2,
+                    prefetch_buffer_size=16))
+    cfg.update(kw)
+    return cfg
+
+
+def base(task: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = task
+    c.seed = 0
+    c.batch_size = 8                # global batch, split over all devices of all hosts
+    c.eval_batch_size = 8
+    c.num_train_steps = 1000
+    c.num_eval_batches = 4          # 0 = the whole eval split
+    c.log_every = 50
+    c.eval_every = 500
+    c.data = data()
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    c.partitioning = ml_collections.ConfigDict(dict(rules=(), min_shard_size=2 ** 14))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=500, max_to_keep=3, async_save=True))
+    c.ema = ml_collections.ConfigDict(dict(enabled=False, decay=0.9999, warmup=True))
+    return c

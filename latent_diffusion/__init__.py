@@ -1,0 +1,1 @@
+"""latent_diffusion: latent diffusion models in JAX/Flax."""

@@ -1,0 +1,214 @@
+"""The one training loop, for both stages.
+
+config -> loader -> global batch on the mesh -> jitted step -> metrics / checkpoint.
+The loop knows nothing of a model's insides: a task (see `tasks.py`) supplies the pure
+functions `init`, `train_step` and `eval_step`, plus the frozen inputs they need.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from latent_diffusion.training import checkpointing, partitioning
+from latent_diffusion.training.state import tree_all_finite
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised when the loss or gradients become NaN/Inf; the last checkpoint is left intact."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    state: Any
+    step: int
+    train_metrics: dict
+    eval_metrics: dict
+    steps_per_sec: float
+    resumed_from: int | None
+
+
+def _guard(train_step):
+    """Skip the update of a step whose loss or gradients are not finite, and say so in metrics."""
+    def step(state, batch, rng, frozen):
+        new_state, metrics = train_step(state, batch, rng, frozen)
+        checked = {k: v for k, v in metrics.items() if k in ("loss", "grad_norm", "d_loss", "d_grad_norm")}
+        finite = tree_all_finite((checked, new_state.params))
+        new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+        return new_state, dict(metrics, finite=finite)
+    return step
+
+
+def _mean_metrics(history: list[dict]) -> dict:
+    host = jax.device_get(history)
+    keys = [k for k in host[0] if k != "finite"]
+    return {k: float(np.mean([np.asarray(h[k], np.float64) for h in host])) for k in keys}
+
+
+def _writer(workdir: str):
+    from clu import metric_writers
+    return metric_writers.create_default_writer(os.path.join(workdir, "logs"),
+                                                just_logging=jax.process_index() > 0)
+
+
+def evaluate(task, state, frozen, config, mesh, eval_fn, rng) -> tuple[dict, dict]:
+    """Average eval metrics over the held-out split (config.num_eval_batches batches); first batch images."""
+    from latent_diffusion.data import loader
+    it = loader.make_dataset(config.data, config.data.eval_split, global_batch_size=config.eval_batch_size,
+                             seed=config.seed, shuffle=False, num_epochs=1,
+                             extra_transforms=task.host_transforms())
+    sums, count, images = {}, 0, {}
+    for i, local in enumerate(it):
+        if config.num_eval_batches and i >= config.num_eval_batches:
+            break
+        batch = partitioning.global_batch(local, mesh)
+        metrics = jax.device_get(eval_fn(state, batch, jax.random.fold_in(rng, i), frozen))
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        count += 1
+        if i == 0:
+            images = task.summary_images(state, batch, frozen, rng)
+    if count == 0:
+        raise ValueError(f"the eval split {config.data.eval_split!r} gave no batch of "
+                         f"{config.eval_batch_size}; lower --config.eval_batch_size")
+    return {k: v / count for k, v in sums.items()}, images
+
+
+def train_and_evaluate(config, workdir: str, devices=None) -> RunResult:
+    """Train until config.num_train_steps, resuming from the latest checkpoint in workdir.
+
+    `devices` restricts the mesh to some devices (default: all devices of all hosts).
+    """
+    from latent_diffusion.data import loader
+    from latent_diffusion.training import tasks
+
+    os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
+    if not config.data.name:
+        raise ValueError(
+            "config.data.name is empty: this full-size config needs a dataset "
+            f"({config.get('dataset_hint', 'see the config file')}). Pass "
+            "--config.data.name=<TFDS name> --config.data.data_dir=<dir with the prepared dataset>, "
+            "or use the config's ':tiny' variant, which trains on the built-in shapes dataset.")
+    mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+    if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
+        raise ValueError(f"batch_size {config.batch_size} and eval_batch_size {config.eval_batch_size} "
+                         f"must divide by the device count {mesh.size}; change --config.batch_size")
+    task = tasks.build(config, mesh, workdir)
+    root = jax.random.key(config.seed)
+    init_rng, train_rng, eval_rng = (jax.random.fold_in(root, i) for i in range(3))
+
+    train_iter = loader.make_dataset(config.data, config.data.train_split,
+                                     global_batch_size=config.batch_size, seed=config.seed,
+                                     shuffle=True, num_epochs=None,
+                                     extra_transforms=task.host_transforms())
+    peeked = next(train_iter)
+    batch = partitioning.global_batch(peeked, mesh)
+    frozen = task.frozen()
+
+    abstract = jax.eval_shape(task.init, init_rng, batch, frozen)
+    shardings = partitioning.tree_shardings(abstract, mesh, config.partitioning.rules,
+                                            config.partitioning.min_shard_size)
+    repl = partitioning.replicated(mesh)
+    batch_shd = jax.tree.map(lambda _: partitioning.batch_sharding(mesh), batch)
+    frozen_shd = partitioning.tree_shardings(frozen, mesh, config.partitioning.rules,
+                                             config.partitioning.min_shard_size)
+
+    manager = checkpointing.make_manager(workdir, max_to_keep=config.checkpoint.max_to_keep,
+                                         async_save=config.checkpoint.async_save)
+    resumed_from = manager.latest_step()
+    if resumed_from is not None:
+        state, _, _ = checkpointing.restore(manager, checkpointing.abstract_like(abstract, shardings),
+                                            data_iterator=train_iter)
+        peeked = None  # the restored iterator is positioned after the checkpointed step's batch
+        logging.info("resumed from step %d in %s", resumed_from, workdir)
+    else:
+        state = jax.jit(task.init, out_shardings=shardings)(init_rng, batch, frozen)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    logging.info("trainable parameters: %s", f"{n_params:,}")
+
+    step_fn = jax.jit(_guard(task.train_step),
+                      in_shardings=(shardings, batch_shd, repl, frozen_shd),
+                      out_shardings=(shardings, repl), donate_argnums=(0,))
+    eval_fn = jax.jit(task.eval_step)
+
+    writer = _writer(workdir)
+    from clu import periodic_actions
+    report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer,
+                                             every_secs=None, every_steps=config.log_every)
+    start = int(jax.device_get(state.step))
+    if start == 0:
+        writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
+                              if isinstance(v, (int, float, str, bool))})
+    history, train_metrics, eval_metrics = [], {}, {}
+    t0, steps_done, last_finite = time.perf_counter(), 0, None
+
+    def checkpoint(step):
+        meta = dict(task.checkpoint_meta(state, frozen), step=step, config=config.to_json_best_effort())
+        checkpointing.save(manager, step, state, meta, data_iterator=train_iter)
+
+    for step in range(start, config.num_train_steps):
+        local = peeked if peeked is not None else next(train_iter)
+        peeked = None
+        batch = partitioning.global_batch(local, mesh)
+        state, metrics = step_fn(state, batch, jax.random.fold_in(train_rng, step), frozen)
+        history.append(metrics)
+        steps_done += 1
+        # Check the previous step's flag: the check then costs no pipeline stall.
+        if last_finite is not None and not bool(last_finite[1]):
+            _fail(manager, last_finite[0], metrics_host=jax.device_get(history[-2]))
+        last_finite = (step, metrics["finite"])
+        done = step + 1
+        report(done)
+        if done % config.log_every == 0 or done == config.num_train_steps:
+            if not bool(metrics["finite"]):
+                _fail(manager, step, metrics_host=jax.device_get(metrics))
+            train_metrics = _mean_metrics(history)
+            history = []
+            writer.write_scalars(done, {f"train/{k}": v for k, v in train_metrics.items()})
+            logging.info("step %d: %s", done, _fmt(train_metrics))
+        if done % config.eval_every == 0 or done == config.num_train_steps:
+            eval_metrics, images = evaluate(task, state, frozen, config, mesh, eval_fn, eval_rng)
+            writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
+            if images:
+                writer.write_images(done, {k: np.asarray(v) for k, v in images.items()})
+            logging.info("eval at step %d: %s", done, _fmt(eval_metrics))
+        if done % config.checkpoint.every == 0 or done == config.num_train_steps:
+            checkpoint(done)
+    if last_finite is not None and not bool(last_finite[1]):
+        _fail(manager, last_finite[0], metrics_host=None)
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    elapsed = time.perf_counter() - t0
+    return RunResult(state=state, step=int(jax.device_get(state.step)), train_metrics=train_metrics,
+                     eval_metrics=eval_metrics, steps_per_sec=steps_done / max(elapsed, 1e-9),
+                     resumed_from=resumed_from)
+
+
+def _fail(manager, step, metrics_host):
+    manager.wait_until_finished()
+    last = manager.latest_step()
+    raise NonFiniteError(
+        f"the loss or gradients became NaN/Inf at step {step + 1} (metrics: {metrics_host}); the update "
+        f"was not applied. The last intact checkpoint is step {last} in {manager.directory}. "
+        "Lower the learning rate, enable gradient clipping (--config.optim.grad_clip_norm) or check the data.")
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

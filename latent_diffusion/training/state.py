@@ -1,0 +1,42 @@
+"""The train state shared by both stages, and EMA."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; checkpointed whole.
+
+    params: trainable trees by role, e.g. {'model': ..., 'disc': ..., 'logvar': ...}.
+    opt_state: one optimizer state per trainable role that has its own optimizer.
+    ema_params: EMA of params['model'] (None when EMA is off).
+    model_state: non-trainable collections, e.g. the discriminator's batch statistics.
+    """
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any = None
+    model_state: Any = flax.core.FrozenDict()
+
+
+def ema_decay(num_updates: jax.Array, max_decay: float, warmup: bool) -> jax.Array:
+    """CompVis LitEma's decay: min(max_decay, (1 + n) / (10 + n)) with warm-up, else constant."""
+    if not warmup:
+        return jnp.asarray(max_decay, jnp.float32)
+    n = num_updates.astype(jnp.float32)
+    return jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))
+
+
+def ema_update(ema: Any, params: Any, decay: jax.Array) -> Any:
+    return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p.astype(e.dtype) - e), ema, params)
+
+
+def tree_all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)

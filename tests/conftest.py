@@ -1,0 +1,21 @@
+"""Test set-up: 8 fake CPU devices, so sharding is exercised without an accelerator."""
+import os
+
+# Must happen before jax is imported anywhere in the test process.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shapes_data_dir(tmp_path_factory):
+    """The 'tiny' shapes dataset (32x32, 64 train / 16 test examples), built once per test session."""
+    from latent_diffusion.data.shapes import ensure_built
+    path = str(tmp_path_factory.mktemp("tfds"))
+    ensure_built(path, "tiny")
+    return path
