@@ -42,3 +42,18 @@ def autoencoder(cfg: Any):
         raise ValueError(f"config.model.kind must be 'kl' or 'vq', got {cfg.kind!r}")
     cls = kinds[cfg.kind]
     return cls(**module_kwargs(cls, cfg))
+
+
+def unet(cfg: Any):
+    from latent_diffusion.models.unet import UNet
+    return UNet(**module_kwargs(UNet, cfg, skip=(), where="unet"))
+
+
+def text_encoder_kwargs(cfg: Any, cls) -> dict:
+    return module_kwargs(cls, cfg, skip=(), where="conditioning.text.model")
+
+
+def clip_text_encoder(cfg: Any):
+    from latent_diffusion.models.text_encoders import CLIPTextTransformer
+    return CLIPTextTransformer(**module_kwargs(CLIPTextTransformer, cfg, skip=(),
+                                               where="conditioning.text.model"))

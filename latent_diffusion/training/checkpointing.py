@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Any
 
@@ -78,12 +77,24 @@ def read_meta(workdir: str, step: int | None = None) -> dict:
         return json.load(f)
 
 
-def restore_params(workdir: str, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-    """Restore a run's state (e.g. a frozen first stage) without its data iterator."""
+def restore_state_tree(workdir: str, shardings_fn, step: int | None = None) -> tuple[dict, dict]:
+    """Restore a run's whole state as a nested dict, laid out by `shardings_fn(abstract_tree)`.
+
+    The tree's shapes come from the checkpoint's own metadata, so this needs neither the
+    run's config nor its mesh: it is how a later stage reads a finished first stage.
+    """
     mngr = make_manager(workdir, async_save=False, with_data=False)
     try:
-        state, meta, _ = restore(mngr, abstract_state, step)
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train that stage first")
+        tree = mngr.item_metadata(step)["state"]
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), dict(tree))
+        shardings = shardings_fn(abstract)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract, shardings)
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     finally:
         mngr.close()
-    logging.info("restored %s", workdir)
-    return state, meta
+    return restored["state"], dict(restored["meta"] or {})

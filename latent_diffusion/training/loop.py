@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -38,7 +39,7 @@ def _guard(train_step):
     """Skip the update of a step whose loss or gradients are not finite, and say so in metrics."""
     def step(state, batch, rng, frozen):
         new_state, metrics = train_step(state, batch, rng, frozen)
-        checked = {k: v for k, v in metrics.items() if k in ("loss", "grad_norm", "d_loss", "d_grad_norm")}
+        checked = {k: metrics[k] for k in ("loss", "grad_norm", "d_loss", "d_grad_norm") if k in metrics}
         finite = tree_all_finite((checked, new_state.params))
         new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
         return new_state, dict(metrics, finite=finite)
@@ -48,7 +49,10 @@ def _guard(train_step):
 def _mean_metrics(history: list[dict]) -> dict:
     host = jax.device_get(history)
     keys = [k for k in host[0] if k != "finite"]
-    return {k: float(np.mean([np.asarray(h[k], np.float64) for h in host])) for k in keys}
+    # nanmean: per-timestep-bucket losses are NaN in steps that drew no timestep in the bucket.
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {k: float(np.nanmean([np.asarray(h[k], np.float64) for h in host])) for k in keys}
 
 
 def _writer(workdir: str):

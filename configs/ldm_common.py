@@ -1,0 +1,86 @@
+"""Shared pieces of the latent diffusion configs (paper Tables 12-15)."""
+from __future__ import annotations
+
+import ml_collections
+
+from configs import autoencoder_kl, autoencoder_vq, common
+
+
+def unet(*, in_channels, out_channels, model_channels, channel_mult, attention_resolutions, num_res_blocks=2,
+         num_heads=-1, num_head_channels=-1, transformer_depth=1, context_dim=None, num_classes=None,
+         dropout=0.0, use_linear_in_transformer=False, use_scale_shift_norm=False, legacy=True,
+         dtype="float32", remat=False):
+    return ml_collections.ConfigDict(dict(
+        in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
+        channel_mult=tuple(channel_mult), attention_resolutions=tuple(attention_resolutions),
+        num_res_blocks=num_res_blocks, num_heads=num_heads, num_head_channels=num_head_channels,
+        transformer_depth=transformer_depth,
+        context_dim=ml_collections.FieldReference(context_dim, field_type=int),
+        num_classes=ml_collections.FieldReference(num_classes, field_type=int),
+        dropout=dropout, use_linear_in_transformer=use_linear_in_transformer,
+        use_scale_shift_norm=use_scale_shift_norm, legacy=legacy, dtype=dtype, param_dtype="float32",
+        remat=remat))
+
+
+def first_stage(kind: str, f: int, *, tiny: bool = False, scale_factor: float = 0.0, workdir: str = ""):
+    """Where the frozen autoencoder comes from; `model` is used for converted checkpoints and tests."""
+    if tiny:
+        model = (autoencoder_kl if kind == "kl" else autoencoder_vq).get_config(f"tiny,f={f}").model
+    else:
+        model = (autoencoder_kl if kind == "kl" else autoencoder_vq).model(f)
+    return ml_collections.ConfigDict(dict(
+        workdir=workdir,            # a stage-1 workdir (params + scale factor), or
+        checkpoint="",              # a diffusers folder / CompVis .ckpt or .safetensors (then set scale_factor)
+        use_ema=True, scale_factor=scale_factor, random_init=False, model=model))
+
+
+def conditioning(crossattn="none", concat="none", class_label=False):
+    return ml_collections.ConfigDict(dict(
+        crossattn=crossattn,        # 'none' | 'text' | 'layout'
+        concat=concat,              # 'none' | 'lowres' | 'inpaint' | 'segmentation'
+        class_label=class_label,    # label embedding added to the time embedding (unet.num_classes)
+        concat_channels=0,          # >0: learned 1x1 map of the concatenated input to this many channels
+        lowres_factor=4, segmentation_classes=31,
+        text=ml_collections.ConfigDict(dict(
+            encoder="bert", tokenizer="builtin:shapes", max_length=77, checkpoint="", penultimate=False,
+            model=ml_collections.ConfigDict(dict(width=1280, depth=32, heads=8, head_dim=64)))),
+        layout=ml_collections.ConfigDict(dict(
+            num_classes=30, bins=64, max_objects=4,
+            model=ml_collections.ConfigDict(dict(width=512, depth=16, heads=8, head_dim=64)))),
+        # Probability of replacing each condition by its null version (classifier-free guidance).
+        dropout=ml_collections.ConfigDict(dict(text=0.1, layout=0.1, class_label=0.1)),
+    ))
+
+
+def diffusion(schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="eps"):
+    return ml_collections.ConfigDict(dict(
+        schedule=schedule, beta_start=beta_start, beta_end=beta_end, num_timesteps=1000,
+        prediction_type=prediction_type, weighting="simple", snr_gamma=5.0))
+
+
+def base(*, lr: float, batch_size: int, num_train_steps: int, tiny: bool):
+    c = common.base("ldm")
+    c.diffusion = diffusion()
+    c.ema.enabled = True
+    c.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=20, guidance_scale=3.0, num_images=8))
+    # CompVis trains with AdamW (torch default weight decay 0.01) and 10k warm-up steps.
+    c.optim = common.optimizer(lr, name="adamw", weight_decay=0.01, warmup_steps=100 if tiny else 10_000)
+    c.batch_size = batch_size
+    c.num_train_steps = num_train_steps
+    if tiny:
+        c.eval_batch_size, c.num_eval_batches = 16, 2
+        c.log_every, c.eval_every, c.checkpoint.every = 50, 500, 500
+        c.data.keys = ("caption", "label", "objects", "segmentation")
+    else:
+        c.eval_batch_size, c.num_eval_batches = batch_size, 10
+        c.log_every, c.eval_every, c.checkpoint.every = 100, 10_000, 5_000
+        c.data = common.data(name="", resolution=256, random_crop=False)
+    return c
+
+
+def tiny_unet(in_channels, out_channels, **kw):
+    """A UNet small enough to train on 16x16 shape latents on a CPU."""
+    args = dict(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_res_blocks=1,
+                num_head_channels=16)
+    args.update(kw)
+    return unet(in_channels=in_channels, out_channels=out_channels, **args)

@@ -1,0 +1,34 @@
+"""Text-to-image LDM-KL-8 on LAION (paper Table 15, first column; the 1.45B model).
+
+  --config=configs/ldm_f8_laion.py      full size: 320 channels, mult 1,2,4,4, attention at 32,16,8,
+                                        8 heads, context 1280 from a 32-layer BERT-style encoder
+                                        trained jointly; batch 680, lr 1e-4.
+  --config=configs/ldm_f8_laion.py:tiny the same model family, small, on the shapes captions;
+                                        needs a tiny stage-1 run (configs/autoencoder_kl.py:tiny)
+                                        in --config.first_stage.workdir (default runs/ae_kl_tiny).
+"""
+from configs import common, ldm_common
+
+
+def get_config(arg=None):
+    a = common.parse_arg(arg, {"tiny": False})
+    if a["tiny"]:
+        c = ldm_common.base(lr=2e-4, batch_size=16, num_train_steps=3000, tiny=True)
+        c.first_stage = ldm_common.first_stage("kl", 4, tiny=True, workdir="runs/ae_kl_tiny")
+        z = c.first_stage.model.embed_dim
+        c.unet = ldm_common.tiny_unet(z, z, context_dim=64)
+        c.conditioning = ldm_common.conditioning(crossattn="text")
+        c.conditioning.text.model.update(width=64, depth=2, heads=4, head_dim=16)
+        c.data.resolution = 64
+        return c
+    c = ldm_common.base(lr=1e-4, batch_size=680, num_train_steps=390_000, tiny=False)
+    c.dataset_hint = "LAION-400M image-caption pairs as a TFDS dataset with 'image' and 'caption' features"
+    c.data.keys = ("caption",)
+    c.first_stage = ldm_common.first_stage("kl", 8, scale_factor=0.18215)
+    c.unet = ldm_common.unet(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),
+                             attention_resolutions=(4, 2, 1), num_res_blocks=2, num_heads=8,
+                             transformer_depth=1, context_dim=1280, legacy=False, remat=True)
+    c.conditioning = ldm_common.conditioning(crossattn="text")
+    c.conditioning.text.tokenizer = "bert:bert-base-uncased"
+    c.conditioning.text.model.update(width=1280, depth=32, heads=8, head_dim=64)
+    return c

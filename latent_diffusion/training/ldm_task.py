@@ -1,0 +1,347 @@
+"""Stage 2: the latent diffusion model (paper Sec. 3.2-3.3), trained by the same loop as stage 1.
+
+The first stage is frozen (see first_stage.py). Conditions come from the batch: a caption
+(text, through a jointly trained BERT-style encoder or a frozen CLIP), boxes and labels
+(layout tokens), a class label (added to the time embedding), or a spatial input
+concatenated to the latents (low-resolution image, masked image + mask, segmentation map).
+Each condition can be dropped per example for classifier-free guidance.
+"""
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from latent_diffusion.data import preprocess
+from latent_diffusion.diffusion import objectives, schedules
+from latent_diffusion.models import build, conditioning
+from latent_diffusion.training import first_stage as first_stage_lib
+from latent_diffusion.training.optimizers import did_update, make_optimizer
+from latent_diffusion.training.state import TrainState, ema_decay, ema_update
+
+CROSSATTN = ("none", "text", "layout")
+CONCAT = ("none", "lowres", "inpaint", "segmentation")
+NUM_BUCKETS = 10
+
+
+class HostConditions:
+    """Per-example host work: tokenize captions, tokenize layouts, make low-res inputs and masks."""
+
+    def __init__(self, cond_cfg, tokenizer, image_key: str = "image"):
+        self.cfg = cond_cfg
+        self.tokenizer = tokenizer
+        self.image_key = image_key
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        cfg = self.cfg
+        out = dict(element)
+        if cfg.crossattn == "text":
+            out["tokens"] = self.tokenizer([str(element["caption"])])[0]
+        if cfg.crossattn == "layout":
+            obj = element["objects"]
+            out["layout"] = conditioning.layout_tokens(
+                obj["bbox"][None], obj["label"][None], obj["mask"][None], num_classes=cfg.layout.num_classes,
+                bins=cfg.layout.bins, max_objects=cfg.layout.max_objects)[0]
+        image = element[self.image_key]
+        if cfg.concat == "lowres":
+            out["lowres"] = preprocess.lowres(image, int(cfg.lowres_factor)).astype(np.float32)
+        if cfg.concat == "inpaint":
+            out["mask"] = preprocess.random_inpaint_mask(rng, image.shape[0], image.shape[1])
+        for key in ("caption", "objects"):
+            out.pop(key, None)
+        return out
+
+
+class LDMTask:
+    def __init__(self, config, mesh, workdir: str):
+        self.config = config
+        c = config.conditioning
+        if c.crossattn not in CROSSATTN or c.concat not in CONCAT:
+            raise ValueError(f"conditioning.crossattn must be one of {CROSSATTN} and conditioning.concat one "
+                             f"of {CONCAT}; got {c.crossattn!r} / {c.concat!r}")
+        self.first_stage = first_stage_lib.load(config.first_stage, mesh)
+        self.unet = build.unet(config.unet)
+        d = config.diffusion
+        self.schedule = schedules.make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
+        self.prediction_type = objectives.canonical_prediction_type(d.prediction_type)
+        self.tokenizer = None
+        self._clip, self._clip_params = None, None
+        text_kwargs = None
+        if c.crossattn == "text":
+            from latent_diffusion.data.tokenizers import make_tokenizer
+            self.tokenizer = make_tokenizer(c.text.tokenizer, int(c.text.max_length))
+            if c.text.encoder == "bert":
+                text_kwargs = dict(c.text.model.to_dict(), vocab_size=self.tokenizer.vocab_size,
+                                   max_length=int(c.text.max_length))
+            elif c.text.encoder == "clip":
+                self._clip, self._clip_params = self._load_clip(c.text, mesh)
+            else:
+                raise ValueError(f"conditioning.text.encoder must be 'bert' or 'clip', got {c.text.encoder!r}")
+        layout_kwargs = None
+        if c.crossattn == "layout":
+            layout_kwargs = dict(c.layout.model.to_dict(), max_length=1 + 5 * int(c.layout.max_objects),
+                                 vocab_size=conditioning.layout_vocab_size(c.layout.num_classes, c.layout.bins))
+        dtype = build.dtype_of(config.unet.dtype)
+        self.cond_module = conditioning.Conditioner(
+            text=text_kwargs, layout=layout_kwargs, concat_channels=int(c.concat_channels) or None,
+            dtype=dtype)
+        self.tx = make_optimizer(config.optim)
+        self._check_channels()
+        self._sample_batch = None
+        self._sample_fn = None
+
+    # --- set-up -----------------------------------------------------------------------------
+    @staticmethod
+    def _load_clip(text_cfg, mesh):
+        from latent_diffusion.training import partitioning
+        if not text_cfg.checkpoint:
+            raise ValueError("a frozen CLIP text encoder needs weights: set conditioning.text.checkpoint to a "
+                             "transformers CLIPTextModel folder (config.json + model.safetensors), or use "
+                             "conditioning.text.encoder='bert' to train a text encoder jointly")
+        import json
+        import os
+        from latent_diffusion import convert
+        folder = text_cfg.checkpoint
+        with open(os.path.join(folder, "config.json")) as f:
+            hf_config = json.load(f)
+        weights = next(os.path.join(folder, n) for n in ("model.safetensors", "pytorch_model.bin")
+                       if os.path.exists(os.path.join(folder, n)))
+        module, params = convert.from_transformers(hf_config, weights)
+        if text_cfg.get("penultimate", False):
+            module = module.replace(output_layer=-2)
+        params = jax.device_put(params, jax.tree.map(lambda _: partitioning.replicated(mesh), params))
+        return module, params
+
+    def concat_channels(self) -> int:
+        c = self.config.conditioning
+        if c.concat == "none":
+            return 0
+        if c.concat_channels:
+            return int(c.concat_channels)
+        return {"lowres": 3, "inpaint": self.first_stage.latent_channels + 1,
+                "segmentation": int(c.segmentation_classes)}[c.concat]
+
+    def _check_channels(self):
+        need = self.first_stage.latent_channels + self.concat_channels()
+        if self.config.unet.in_channels != need:
+            raise ValueError(f"unet.in_channels is {self.config.unet.in_channels} but the latents have "
+                             f"{self.first_stage.latent_channels} channels and the concatenated condition "
+                             f"{self.concat_channels()}: set --config.unet.in_channels={need}")
+        if self.config.unet.out_channels != self.first_stage.latent_channels:
+            raise ValueError(f"unet.out_channels must be the latent channels "
+                             f"{self.first_stage.latent_channels}, got {self.config.unet.out_channels}")
+        if self.config.conditioning.class_label and not self.config.unet.num_classes:
+            raise ValueError("conditioning.class_label needs unet.num_classes")
+
+    def frozen(self):
+        out = {"first_stage": self.first_stage.params}
+        if self._clip is not None:
+            out["clip"] = self._clip_params
+        return out
+
+    def host_transforms(self):
+        return (HostConditions(self.config.conditioning, self.tokenizer, "image"),)
+
+    # --- conditions -------------------------------------------------------------------------
+    def latent_size(self, image_hw):
+        f = self.first_stage.downsample
+        return image_hw[0] // f, image_hw[1] // f
+
+    def null_tokens(self, batch_size):
+        c = self.config.conditioning
+        if c.crossattn == "text":
+            return jnp.broadcast_to(jnp.asarray(self.tokenizer.empty), (batch_size, int(c.text.max_length)))
+        if c.crossattn == "layout":
+            empty = np.zeros((1 + 5 * int(c.layout.max_objects),), np.int32)
+            empty[0] = 1
+            return jnp.broadcast_to(jnp.asarray(empty), (batch_size, empty.shape[0]))
+        return None
+
+    def raw_conditions(self, batch, frozen, rng, drop: bool):
+        """The batch's condition inputs (tokens, labels, concat), with CFG dropout when `drop`."""
+        c = self.config.conditioning
+        b = batch["image"].shape[0]
+        keys = jax.random.split(rng, 4)
+        out = {}
+        key = {"text": "tokens", "layout": "layout"}.get(c.crossattn)
+        if key:
+            tokens = batch[key]
+            p = float(c.dropout.get(c.crossattn, 0.0))
+            if drop and p > 0:
+                gone = jax.random.bernoulli(keys[0], p, (b,))
+                tokens = jnp.where(gone[:, None], self.null_tokens(b), tokens)
+            out["tokens"] = tokens
+        if c.class_label:
+            y = batch["label"].astype(jnp.int32)
+            p = float(c.dropout.get("class_label", 0.0))
+            if drop and p > 0:
+                y = jnp.where(jax.random.bernoulli(keys[1], p, (b,)), int(self.config.unet.num_classes), y)
+            out["y"] = y
+        if c.concat == "lowres":
+            out["spatial"] = batch["lowres"]
+        elif c.concat == "inpaint":
+            mask = batch["mask"]
+            masked = batch["image"] * (1.0 - mask)
+            z_masked = self.first_stage.encode(frozen["first_stage"], masked, keys[2])
+            lat = z_masked.shape[1:3]
+            m = jax.image.resize(mask, (b,) + tuple(lat) + (1,), method="nearest")
+            out["spatial"] = jnp.concatenate([z_masked, m], axis=-1)
+        elif c.concat == "segmentation":
+            seg = batch["segmentation"][..., 0].astype(jnp.int32)
+            out["spatial"] = jax.nn.one_hot(seg, int(c.segmentation_classes), dtype=jnp.float32)
+        return out
+
+    def unet_inputs(self, cond_params, frozen, raw, latent_hw):
+        """Raw conditions -> {'context', 'y', 'concat'} as the UNet takes them."""
+        c = self.config.conditioning
+        out = {}
+        if "tokens" in raw:
+            if c.crossattn == "text" and self._clip is not None:
+                ctx, _ = self._clip.apply({"params": frozen["clip"]}, raw["tokens"])
+                out["context"] = jax.lax.stop_gradient(ctx)
+            elif c.crossattn == "text":
+                out["context"] = self.cond_module.apply({"params": cond_params}, raw["tokens"],
+                                                        method="encode_text")
+            else:
+                out["context"] = self.cond_module.apply({"params": cond_params}, raw["tokens"],
+                                                        method="encode_layout")
+        if "y" in raw:
+            out["y"] = raw["y"]
+        if "spatial" in raw:
+            sp = raw["spatial"]
+            if c.concat == "inpaint" and not c.concat_channels:
+                out["concat"] = sp  # already on the latent grid
+            else:
+                out["concat"] = self.cond_module.apply({"params": cond_params}, sp, tuple(latent_hw),
+                                                       method="rescale")
+        return out
+
+    def apply_unet(self, unet_params, x_t, t, inputs, deterministic=True, rng=None):
+        x = x_t
+        if "concat" in inputs:
+            x = jnp.concatenate([x_t, inputs["concat"].astype(x_t.dtype)], axis=-1)
+        rngs = {"dropout": rng} if rng is not None else None
+        return self.unet.apply({"params": unet_params}, x, t, context=inputs.get("context"),
+                               y=inputs.get("y"), deterministic=deterministic, rngs=rngs)
+
+    # --- pure functions ----------------------------------------------------------------------
+    def init(self, rng, batch, frozen):
+        r_unet, r_cond, r_raw = jax.random.split(rng, 3)
+        small = jax.tree.map(lambda a: a[:1], batch)
+        raw = self.raw_conditions(small, frozen, r_raw, drop=False)
+        lat = self.latent_size(small["image"].shape[1:3])
+        tok = raw.get("tokens")
+        is_layout = self.config.conditioning.crossattn == "layout"
+        cond_vars = self.cond_module.init(r_cond, tokens=None if is_layout else tok,
+                                          layout=tok if is_layout else None, spatial=raw.get("spatial"), size=lat)
+        cond_params = cond_vars.get("params", {})
+        inputs = self.unet_inputs(cond_params, frozen, raw, lat)
+        z = jnp.zeros((1,) + tuple(lat) + (self.first_stage.latent_channels,), jnp.float32)
+        unet_params = self.unet.init(r_unet, jnp.concatenate([z, inputs["concat"]], -1) if "concat" in inputs
+                                     else z, jnp.zeros((1,), jnp.int32), context=inputs.get("context"),
+                                     y=inputs.get("y"))["params"]
+        params = {"model": {"unet": unet_params, "cond": cond_params}}
+        ema = jax.tree.map(jnp.copy, params["model"]) if self.config.ema.enabled else None
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                          ema_params=ema, model_state={})
+
+    def _loss_terms(self, params, batch, rng, frozen, t, noise_rng, drop, deterministic):
+        r_enc, r_cond, r_drop = jax.random.split(rng, 3)
+        x0 = jax.lax.stop_gradient(self.first_stage.encode(frozen["first_stage"], batch["image"], r_enc))
+        raw = self.raw_conditions(batch, frozen, r_cond, drop=drop)
+        inputs = self.unet_inputs(params["cond"], frozen, raw, x0.shape[1:3])
+        noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+        x_t = objectives.q_sample(self.schedule, x0, t, noise)
+        out = self.apply_unet(params["unet"], x_t, t, inputs, deterministic=deterministic, rng=r_drop)
+        d = self.config.diffusion
+        return objectives.diffusion_loss(self.schedule, out, x0, noise, t, self.prediction_type,
+                                         d.weighting, float(d.snr_gamma))
+
+    def _bucket_metrics(self, per_example, t):
+        bucket = (t * NUM_BUCKETS) // self.schedule.num_timesteps
+        out = {}
+        for k in range(NUM_BUCKETS):
+            inside = (bucket == k).astype(jnp.float32)
+            n = jnp.sum(inside)
+            out[f"loss_t{k}"] = jnp.where(n > 0, jnp.sum(per_example * inside) / jnp.maximum(n, 1), jnp.nan)
+        return out
+
+    def train_step(self, state, batch, rng, frozen):
+        r_t, r_noise, r_rest = jax.random.split(rng, 3)
+        b = batch["image"].shape[0]
+        t = objectives.sample_timesteps(r_t, b, self.schedule.num_timesteps)
+
+        def loss_fn(params):
+            per = self._loss_terms(params["model"], batch, r_rest, frozen, t, r_noise, drop=True,
+                                   deterministic=False)
+            return jnp.mean(per), per
+
+        (loss, per), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            updated = did_update(opt_state, int(self.config.optim.get("grad_accum_steps", 1)))
+            decay = ema_decay(state.step, float(self.config.ema.decay), bool(self.config.ema.warmup))
+            ema = jax.tree.map(lambda n, o: jnp.where(updated, n, o),
+                               ema_update(ema, params["model"], decay), ema)
+        metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), **self._bucket_metrics(per, t))
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+
+    def model_params(self, state):
+        return state.ema_params if state.ema_params is not None else state.params["model"]
+
+    def eval_step(self, state, batch, rng, frozen):
+        """The loss on held-out data at timesteps spread evenly over [0, T)."""
+        b = batch["image"].shape[0]
+        t = ((jnp.arange(b) + 0.5) * self.schedule.num_timesteps / b).astype(jnp.int32)
+        r_noise, r_rest = jax.random.split(rng)
+        per = self._loss_terms(self.model_params(state), batch, r_rest, frozen, t, r_noise, drop=False,
+                               deterministic=True)
+        return {"loss": jnp.mean(per)}
+
+    # --- sampling ---------------------------------------------------------------------------
+    def sample(self, model_params, frozen, batch, rng, *, sampler="ddim", steps=50, guidance_scale=1.0, eta=0.0):
+        """Images (B, H, W, 3) in [-1, 1] for the conditions in `batch` (guidance against the null ones)."""
+        from latent_diffusion.diffusion import samplers
+        from latent_diffusion.diffusion.guidance import cfg_model_fn
+        b = batch["image"].shape[0]
+        lat = self.latent_size(batch["image"].shape[1:3])
+        raw = self.raw_conditions(batch, frozen, rng, drop=False)
+        cond = self.unet_inputs(model_params["cond"], frozen, raw, lat)
+        uncond_raw = dict(raw)
+        if "tokens" in raw:
+            uncond_raw["tokens"] = self.null_tokens(b)
+        if "y" in raw:
+            uncond_raw["y"] = jnp.full((b,), int(self.config.unet.num_classes), jnp.int32)
+        uncond = self.unet_inputs(model_params["cond"], frozen, uncond_raw, lat)
+        apply = lambda x, t, inputs: self.apply_unet(model_params["unet"], x, t, inputs)
+        guided = bool(raw.get("tokens") is not None or "y" in raw)
+        model_fn = cfg_model_fn(apply, cond, uncond, guidance_scale if guided else 1.0)
+        x_T = jax.random.normal(rng, (b,) + tuple(lat) + (self.first_stage.latent_channels,))
+        kw = dict(prediction_type=self.prediction_type)
+        if sampler == "ddim":
+            kw.update(eta=eta, rng=jax.random.fold_in(rng, 1))
+        z = samplers.SAMPLERS[sampler](model_fn, self.schedule, x_T, steps, **kw)
+        return jnp.clip(self.first_stage.decode(frozen["first_stage"], z), -1, 1)
+
+    def summary_images(self, state, batch, frozen, rng):
+        s = self.config.sample
+        if not s.steps:
+            return {}
+        n = min(int(s.num_images), batch["image"].shape[0])
+        small = jax.tree.map(lambda a: a[:n], batch)
+        if self._sample_fn is None:
+            self._sample_fn = jax.jit(lambda p, f, bt, r, g: self.sample(p, f, bt, r, sampler=s.sampler,
+                                                                         steps=int(s.steps), guidance_scale=g))
+        images = self._sample_fn(self.model_params(state), frozen, small, rng, jnp.float32(s.guidance_scale))
+        from latent_diffusion.training.autoencoder_task import image_grid
+        return {"data_and_samples": image_grid([small["image"], images])}
+
+    def checkpoint_meta(self, state, frozen):
+        fs = self.first_stage
+        return {"stage": "ldm", "scale_factor": fs.scale_factor, "first_stage_kind": fs.kind,
+                "first_stage_downsample": fs.downsample}
