@@ -1,0 +1,182 @@
+"""Original CompVis LDM / Stable Diffusion checkpoints -> our modules and params.
+
+A full LDM checkpoint holds several components under their own prefixes; each has a loader in
+`_COMPONENTS`. A first-stage-only checkpoint (as trained by `ldm/models/autoencoder.py`) has the
+autoencoder keys at the top level. To add a component (UNet under 'model.diffusion_model.', text
+encoder under 'cond_stage_model.'), add a `(name, prefix, loader)` entry.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from latent_diffusion.convert.autoencoder import params_from_state_dict, to_state_dict
+from latent_diffusion.convert.common import StateDict, state_dict_of
+from latent_diffusion.models.autoencoder import AutoencoderKL, VQModel
+
+FIRST_STAGE_PREFIX = "first_stage_model."
+# Autoencoder checkpoints carry the LPIPS + discriminator of the training loss, and the
+# VQ trainer may keep an EMA copy; neither is part of the model.
+_FIRST_STAGE_IGNORE = ("loss.", "model_ema.")
+
+_DDCONFIG_KEYS = {"double_z", "z_channels", "resolution", "in_channels", "out_ch", "ch", "ch_mult",
+                  "num_res_blocks", "attn_resolutions", "dropout", "attn_type", "tanh_out",
+                  "give_pre_end", "use_linear_attn"}
+# Arguments of CompVis' AutoencoderKL / VQModel; only kind, embed_dim, n_embed and remap matter here.
+_MODEL_KEYS = {"kind", "target", "embed_dim", "n_embed", "remap", "sane_index_shape", "monitor",
+               "ckpt_path", "ignore_keys", "image_key", "colorize_nlabels", "scheduler_config",
+               "lr_g_factor", "batch_resize_range", "use_ema"}
+
+
+def _plain(config: Any) -> dict:
+    if config is None:
+        return {}
+    if hasattr(config, "to_dict"):  # ml_collections.ConfigDict
+        config = config.to_dict()
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict (CompVis yaml as a dict), got {type(config).__name__}")
+    return dict(config)
+
+
+def first_stage_config(config: Any) -> dict:
+    """The flat first-stage config ({'kind', 'embed_dim', ddconfig fields, ...}) from any of:
+    a full LDM yaml dict, its `first_stage_config` ({'target', 'params'}), or a flat dict."""
+    cfg = _plain(config)
+    if "model" in cfg:
+        cfg = _plain(cfg["model"])
+    if "first_stage_config" in cfg.get("params", {}):
+        cfg = _plain(cfg["params"]["first_stage_config"])
+    target = cfg.get("target")
+    if "params" in cfg:
+        cfg = {**_plain(cfg["params"]), **({"target": target} if target else {})}
+    flat = {k: v for k, v in cfg.items() if k not in ("ddconfig", "lossconfig")}
+    flat.update(_plain(cfg.get("ddconfig")))
+    if "kind" not in flat and target:
+        name = str(target).rsplit(".", 1)[-1]
+        if name == "AutoencoderKL":
+            flat["kind"] = "kl"
+        elif name.startswith("VQModel"):
+            flat["kind"] = "vq"
+        else:
+            raise ValueError(f"first-stage target {target!r} is not supported; expected "
+                             "ldm.models.autoencoder.AutoencoderKL or VQModel(Interface)")
+    return flat
+
+
+def infer_first_stage_config(state_dict: Mapping[str, Any], prefix: str = "") -> dict:
+    """Architecture fields read off the weights (CompVis always uses 32 norm groups)."""
+    def has(key):
+        return prefix + key in state_dict
+
+    def shape(key):
+        return tuple(state_dict[prefix + key].shape)
+
+    if not has("encoder.conv_in.weight"):
+        raise ValueError(f"no '{prefix}encoder.conv_in.weight' in the checkpoint; "
+                         "not a CompVis first stage")
+    ch, in_channels = shape("encoder.conv_in.weight")[:2]
+    levels = 0
+    while has(f"encoder.down.{levels}.block.0.conv1.weight"):
+        levels += 1
+    blocks = 0
+    while has(f"encoder.down.0.block.{blocks}.conv1.weight"):
+        blocks += 1
+    resolution = 256
+    kind = "vq" if has("quantize.embedding.weight") else "kl"
+    cfg = dict(kind=kind, ch=int(ch), in_channels=int(in_channels), num_res_blocks=blocks,
+               resolution=resolution,
+               ch_mult=[int(shape(f"encoder.down.{i}.block.0.conv1.weight")[0]) // ch for i in range(levels)],
+               attn_resolutions=[resolution // 2 ** i for i in range(levels)
+                                 if has(f"encoder.down.{i}.attn.0.q.weight")],
+               z_channels=int(shape("decoder.conv_in.weight")[1]),
+               out_ch=int(shape("decoder.conv_out.weight")[0]),
+               embed_dim=int(shape("post_quant_conv.weight")[1]),
+               attn_type="vanilla" if has("encoder.mid.attn_1.q.weight") else "none")
+    if kind == "vq":
+        cfg["n_embed"] = int(shape("quantize.embedding.weight")[0])
+    return cfg
+
+
+def first_stage_module(cfg: Mapping[str, Any]):
+    """Our AutoencoderKL / VQModel for a flat CompVis first-stage config."""
+    kind = cfg.get("kind")
+    if kind not in ("kl", "vq"):
+        raise ValueError(f"first-stage config needs 'kind' ('kl' or 'vq') or a 'target'; got {kind!r}")
+    if cfg.get("remap"):
+        raise ValueError("VQModel with a codebook 'remap' is not supported")
+    for key in ("tanh_out", "give_pre_end", "use_linear_attn"):
+        if cfg.get(key):
+            raise ValueError(f"first-stage ddconfig {key}=True is not supported")
+    unknown = sorted(set(cfg) - _DDCONFIG_KEYS - _MODEL_KEYS)
+    if unknown:
+        raise ValueError(f"unknown first-stage config key(s) {unknown}; expected ddconfig keys "
+                         f"{sorted(_DDCONFIG_KEYS)} and model keys {sorted(_MODEL_KEYS)}")
+    attn_type = cfg.get("attn_type", "vanilla")
+    if attn_type not in ("vanilla", "vanilla-xformers", "none"):
+        raise ValueError(f"attn_type {attn_type!r} is not supported (vanilla, vanilla-xformers, none)")
+    missing = [k for k in ("ch", "ch_mult", "num_res_blocks", "z_channels", "embed_dim") if k not in cfg]
+    if missing:
+        raise ValueError(f"first-stage config lacks {missing}; pass the CompVis ddconfig and embed_dim, "
+                         "or config=None to read the architecture off the checkpoint")
+    common = dict(ch=int(cfg["ch"]), ch_mult=tuple(cfg["ch_mult"]),
+                  num_res_blocks=int(cfg["num_res_blocks"]),
+                  attn_resolutions=() if attn_type == "none" else tuple(cfg.get("attn_resolutions", ())),
+                  mid_attention=attn_type != "none",
+                  z_channels=int(cfg["z_channels"]), embed_dim=int(cfg["embed_dim"]),
+                  resolution=int(cfg.get("resolution", 256)), in_channels=int(cfg.get("in_channels", 3)),
+                  out_ch=int(cfg.get("out_ch", 3)), dropout=float(cfg.get("dropout", 0.0)))
+    if kind == "vq":
+        if "n_embed" not in cfg:
+            raise ValueError("VQ first-stage config lacks n_embed")
+        return VQModel(**common, n_embed=int(cfg["n_embed"]))
+    return AutoencoderKL(**common, double_z=bool(cfg.get("double_z", True)))
+
+
+def first_stage_from_compvis(state_dict: Any, config: Any = None, prefix: str | None = None):
+    """(module, params) of a CompVis first stage; `prefix` defaults to what the checkpoint uses."""
+    sd_all = state_dict_of(state_dict)
+    if prefix is None:
+        prefix = FIRST_STAGE_PREFIX if any(k.startswith(FIRST_STAGE_PREFIX) for k in sd_all) else ""
+    sd = StateDict(sd_all, prefix=prefix, what="CompVis first-stage checkpoint")
+    cfg = first_stage_config(config)
+    has_arch = any(k in cfg for k in ("ch", "ch_mult", "z_channels"))
+    if not has_arch:  # only kind/target (or nothing) given: read the architecture off the weights
+        inferred = infer_first_stage_config(sd_all, prefix)
+        if cfg.get("kind", inferred["kind"]) != inferred["kind"]:
+            raise ValueError(f"config says kind={cfg['kind']!r} but the checkpoint holds a "
+                             f"{inferred['kind']!r} first stage")
+        cfg = {**inferred, **{k: v for k, v in cfg.items() if k != "kind"}}
+    elif "kind" not in cfg:
+        cfg["kind"] = "vq" if sd.has("quantize.embedding.weight") else "kl"
+    module = first_stage_module(cfg)
+    return module, params_from_state_dict(module, sd, "compvis", ignore=_FIRST_STAGE_IGNORE)
+
+
+def first_stage_to_compvis(module, params, prefix: str = "") -> dict:
+    """Our first-stage params as a CompVis state dict (numpy, torch layout)."""
+    return to_state_dict(module, params, "compvis", prefix=prefix)
+
+
+def _has_first_stage(sd: Mapping[str, Any]) -> bool:
+    return "encoder.conv_in.weight" in sd or FIRST_STAGE_PREFIX + "encoder.conv_in.weight" in sd
+
+
+_COMPONENTS = (
+    ("first_stage", _has_first_stage, first_stage_from_compvis),
+)
+
+
+def from_compvis(path_or_state_dict: Any, config: Any = None) -> dict[str, tuple[Any, dict]]:
+    """{component: (module, params)} for every known component found in a CompVis checkpoint.
+
+    `config` is the CompVis yaml as a dict (full LDM or first-stage), a flat first-stage dict
+    with 'kind' ('kl'/'vq') plus ddconfig fields and embed_dim (n_embed for VQ), or None to read
+    the first-stage architecture off the weights.
+    """
+    sd = state_dict_of(path_or_state_dict)
+    found = {name: load(sd, config) for name, present, load in _COMPONENTS if present(sd)}
+    if not found:
+        heads = sorted({k.split(".", 1)[0] for k in sd})[:20]
+        raise ValueError("from_compvis: no known component in the checkpoint; expected "
+                         f"'encoder.*'/'decoder.*' or '{FIRST_STAGE_PREFIX}*' keys, found top-level "
+                         f"names {heads}")
+    return found
