@@ -163,7 +163,7 @@ class LDMTask:
     def raw_conditions(self, batch, frozen, rng, drop: bool):
         """The batch's condition inputs (tokens, labels, concat), with CFG dropout when `drop`."""
         c = self.config.conditioning
-        b = batch["image"].shape[0]
+        b = jax.tree.leaves(batch)[0].shape[0]
         keys = jax.random.split(rng, 4)
         out = {}
         key = {"text": "tokens", "layout": "layout"}.get(c.crossattn)
@@ -304,28 +304,42 @@ class LDMTask:
         return {"loss": jnp.mean(per)}
 
     # --- sampling ---------------------------------------------------------------------------
-    def sample(self, model_params, frozen, batch, rng, *, sampler="ddim", steps=50, guidance_scale=1.0, eta=0.0):
-        """Images (B, H, W, 3) in [-1, 1] for the conditions in `batch` (guidance against the null ones)."""
-        from latent_diffusion.diffusion import samplers
+    def guided_model_fn(self, model_params, frozen, raw_cond, raw_uncond, latent_hw, scale):
+        """The sampler's model function: cond and uncond predictions in one call, mixed by `scale`."""
         from latent_diffusion.diffusion.guidance import cfg_model_fn
+        cond = self.unet_inputs(model_params["cond"], frozen, raw_cond, latent_hw)
+        uncond = self.unet_inputs(model_params["cond"], frozen, raw_uncond, latent_hw)
+        apply = lambda x, t, inputs: self.apply_unet(model_params["unet"], x, t, inputs)
+        guided = "tokens" in raw_cond or "y" in raw_cond
+        return cfg_model_fn(apply, cond, uncond, scale if guided else 1.0)
+
+    def null_conditions(self, raw):
+        """The unconditional counterpart of raw conditions: empty prompt / layout, null class."""
+        b = jax.tree.leaves(raw)[0].shape[0] if raw else 0
+        out = dict(raw)
+        if "tokens" in raw:
+            out["tokens"] = self.null_tokens(b)
+        if "y" in raw:
+            out["y"] = jnp.full((b,), int(self.config.unet.num_classes), jnp.int32)
+        return out
+
+    def run_sampler(self, model_fn, x_T, *, sampler="ddim", steps=50, eta=0.0, ddim_noise=None):
+        from latent_diffusion.diffusion import samplers
+        if sampler not in samplers.SAMPLERS:
+            raise ValueError(f"sampler must be one of {sorted(samplers.SAMPLERS)}, got {sampler!r}")
+        kw = dict(prediction_type=self.prediction_type)
+        if sampler == "ddim":
+            kw.update(eta=eta, noise=ddim_noise)
+        return samplers.SAMPLERS[sampler](model_fn, self.schedule, x_T, steps, **kw)
+
+    def sample(self, model_params, frozen, batch, rng, *, sampler="ddim", steps=50, guidance_scale=1.0):
+        """Images (B, H, W, 3) in [-1, 1] for the conditions in `batch` (guidance against the null ones)."""
         b = batch["image"].shape[0]
         lat = self.latent_size(batch["image"].shape[1:3])
         raw = self.raw_conditions(batch, frozen, rng, drop=False)
-        cond = self.unet_inputs(model_params["cond"], frozen, raw, lat)
-        uncond_raw = dict(raw)
-        if "tokens" in raw:
-            uncond_raw["tokens"] = self.null_tokens(b)
-        if "y" in raw:
-            uncond_raw["y"] = jnp.full((b,), int(self.config.unet.num_classes), jnp.int32)
-        uncond = self.unet_inputs(model_params["cond"], frozen, uncond_raw, lat)
-        apply = lambda x, t, inputs: self.apply_unet(model_params["unet"], x, t, inputs)
-        guided = bool(raw.get("tokens") is not None or "y" in raw)
-        model_fn = cfg_model_fn(apply, cond, uncond, guidance_scale if guided else 1.0)
+        model_fn = self.guided_model_fn(model_params, frozen, raw, self.null_conditions(raw), lat, guidance_scale)
         x_T = jax.random.normal(rng, (b,) + tuple(lat) + (self.first_stage.latent_channels,))
-        kw = dict(prediction_type=self.prediction_type)
-        if sampler == "ddim":
-            kw.update(eta=eta, rng=jax.random.fold_in(rng, 1))
-        z = samplers.SAMPLERS[sampler](model_fn, self.schedule, x_T, steps, **kw)
+        z = self.run_sampler(model_fn, x_T, sampler=sampler, steps=steps)
         return jnp.clip(self.first_stage.decode(frozen["first_stage"], z), -1, 1)
 
     def summary_images(self, state, batch, frozen, rng):
