@@ -93,8 +93,12 @@ def kl_reconstruction_loss(x: jax.Array, xrec: jax.Array, logvar, perceptual: ja
 
 
 def vq_reconstruction_loss(x: jax.Array, xrec: jax.Array, perceptual: jax.Array | None = None,
-                           perceptual_weight: float = 1.0, pixel_loss: str = "l1") -> jax.Array:
-    """VQLPIPSWithDiscriminator's nll: mean over all elements of pixel loss + weighted LPIPS."""
+                           perceptual_weight: float = 1.0, pixel_loss: str = "l1"):
+    """(nll, nll, rec_loss_mean) of VQLPIPSWithDiscriminator, shaped like kl_reconstruction_loss's.
+
+    nll is the mean over all elements of pixel loss + perceptual_weight * per-sample LPIPS; the
+    reference has no logvar or weights, so the loss term, the nll and the mean rec loss coincide.
+    """
     x, xrec = _f32(x), _f32(xrec)
     if pixel_loss == "l1":
         rec = jnp.abs(x - xrec)
@@ -104,7 +108,8 @@ def vq_reconstruction_loss(x: jax.Array, xrec: jax.Array, perceptual: jax.Array 
         raise ValueError(f"vq_reconstruction_loss: pixel_loss must be 'l1' or 'l2', got {pixel_loss!r}")
     if perceptual is not None:
         rec = rec + perceptual_weight * _per_sample(perceptual, x.shape[0])
-    return jnp.mean(rec)
+    nll = jnp.mean(rec)
+    return nll, nll, nll
 
 
 def gaussian_kl_loss(mean: jax.Array, logvar: jax.Array) -> jax.Array:

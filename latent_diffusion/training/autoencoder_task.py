@@ -20,6 +20,8 @@ from latent_diffusion.training import ae_losses
 from latent_diffusion.training.optimizers import did_update, make_optimizer
 from latent_diffusion.training.state import TrainState, ema_decay, ema_update
 
+log = logging.getLogger(__name__)
+
 
 def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
     """Per-image PSNR in dB of images in [-1, 1], measured on the [0, 1] scale after clipping."""
@@ -58,7 +60,7 @@ class AutoencoderTask:
         if float(loss.perceptual_weight) <= 0:
             return None, None
         if not loss.lpips_vgg:
-            logging.warning(
+            log.warning(
                 "LPIPS weights not given (--config.loss.lpips_vgg=/path/to/vgg16-397923af.pth, and "
                 "optionally --config.loss.lpips_lin=/path/to/lpips/weights/v0.1/vgg.pth): training runs "
                 "with the perceptual term OFF. Random LPIPS weights are never used.")
