@@ -1,0 +1,194 @@
+"""Offline evaluation: samples vs a reference (images or stats file) -> FID / KID / IS / precision-recall."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from latent_diffusion.evaluation import metrics as M
+from latent_diffusion.evaluation.features import FeatureExtractor
+from latent_diffusion.evaluation.images import ArraySet, SetInfo, open_image_set
+from latent_diffusion.evaluation.stats import Stats, check_resolution, is_stats_file, load_stats, save_stats
+from latent_diffusion.models.inception import FEATURE_DIM
+
+log = logging.getLogger(__name__)
+METRICS = ("fid", "kid", "is", "pr", "clip")
+NEEDS_REFERENCE = ("fid", "kid", "pr")
+
+
+@dataclasses.dataclass
+class EvalOptions:
+    samples: str | None = None
+    reference: str | None = None
+    metrics: tuple[str, ...] = ("fid",)
+    inception_weights: str | None = None
+    allow_random_inception_for_tests: bool = False
+    batch_size: int = 64
+    image_size: int | None = None
+    save_stats: str | None = None
+    save_features: bool = False
+    allow_resolution_mismatch: bool = False
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    is_splits: int = 10
+    pr_k: int = 3
+    seed: int = 2020
+    tfds_data_dir: str | None = None
+    progress: bool = True
+
+
+def load_inception(weights: str | None, allow_random: bool):
+    """(module, params, description): converted weights, or random ones behind the test-only switch."""
+    from latent_diffusion.convert import inception as conv
+    if allow_random:
+        log.warning("RANDOM Inception weights (--allow_random_inception_for_tests): numbers are meaningless")
+        module = conv.build_model()
+        params = conv.random_params(module, seed=0)
+        return module, params, "RANDOM (test only)"
+    path = conv.resolve_path(weights)
+    module, params = conv.load_params(path)
+    return module, params, path
+
+
+def _check_metrics(opts: EvalOptions) -> tuple[str, ...]:
+    names = tuple(m.strip().lower() for m in opts.metrics if m.strip())
+    unknown = [m for m in names if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
+    if "clip" in names:
+        M.clip_score()  # raises with an explanation until the CLIP towers land
+    if opts.samples is None:
+        if not opts.save_stats or not opts.reference:
+            raise ValueError("nothing to do: pass --samples (and --reference) to compute metrics, or "
+                             "--reference with --save_stats to precompute reference statistics")
+        return ()
+    if opts.reference is None and any(m in NEEDS_REFERENCE for m in names):
+        raise ValueError(f"metrics {[m for m in names if m in NEEDS_REFERENCE]} need --reference "
+                         "(a folder, an .npz of images, a stats .npz or tfds:NAME/SPLIT)")
+    return names
+
+
+def _set_report(info: SetInfo) -> dict:
+    return {"source": info.description, "num_images": info.num_images,
+            "resolution": list(info.resolution) if info.resolution else None,
+            "converted_to_rgb": info.converted_to_rgb, "resized": info.resized, "warnings": list(info.warnings)}
+
+
+def evaluate(opts: EvalOptions, extractor: FeatureExtractor | None = None) -> dict[str, Any]:
+    """Compute the requested metrics; returns a JSON-ready dict. `extractor` overrides the Inception."""
+    names = _check_metrics(opts)
+    weights_desc = "custom extractor"
+
+    def get_extractor():
+        nonlocal extractor, weights_desc
+        if extractor is None:
+            module, params, weights_desc = load_inception(opts.inception_weights,
+                                                          opts.allow_random_inception_for_tests)
+            extractor = FeatureExtractor(module, params, opts.batch_size, progress=opts.progress)
+        return extractor
+
+    def features_of(spec: str, role: str):
+        images = open_image_set(spec, role, opts.image_size, opts.tfds_data_dir)
+        feats = get_extractor()(images, desc=role)
+        return feats, images.info
+
+    results: dict[str, Any] = {"metrics": {}}
+    sample_feats = sample_info = None
+    if opts.samples is not None:
+        sample_feats, sample_info = features_of(opts.samples, "samples")
+        results["samples"] = _set_report(sample_info)
+
+    ref_stats: Stats | None = None
+    ref_feats = None
+    if opts.reference is not None and (names or opts.save_stats):
+        if is_stats_file(opts.reference):
+            ref_stats = load_stats(opts.reference, feature_dim=FEATURE_DIM)
+            ref_info = SetInfo(f"reference stats {opts.reference}", num_images=ref_stats.num_images or 0,
+                               resolution=ref_stats.resolution)
+            if sample_info is not None:
+                check_resolution(ref_stats, sample_info.resolution, opts.reference, opts.allow_resolution_mismatch)
+            if any(m in ("kid", "pr") for m in names):
+                if ref_stats.features is not None:
+                    ref_feats = {"pool3": np.asarray(ref_stats.features)}
+                elif ref_stats.images is not None:  # ADM reference batch: features from its arr_0
+                    ref_set = ArraySet(ref_stats.images, f"reference {opts.reference} (arr_0)", opts.image_size)
+                    ref_feats = get_extractor()(ref_set, desc="reference")
+                else:
+                    raise ValueError(f"{opts.reference} holds only mu/sigma; KID and precision/recall need the "
+                                     "reference features or images. Use the images, or a stats file written "
+                                     "with --save_stats --save_features.")
+        else:
+            ref_feats, ref_info = features_of(opts.reference, "reference")
+            mu, sigma = M.gaussian_stats(ref_feats["pool3"])
+            ref_stats = Stats(mu, sigma, ref_info.num_images, ref_info.resolution)
+            if sample_info is not None and ref_info.resolution != sample_info.resolution:
+                ref_info.warn(f"reference images are {ref_info.resolution} but samples are "
+                              f"{sample_info.resolution}; both are resized to 299x299 by the Inception")
+        results["reference"] = _set_report(ref_info)
+
+    sample_stats = None
+    if sample_feats is not None and ("fid" in names or (opts.save_stats and ref_feats is None)):
+        sample_stats = M.gaussian_stats(sample_feats["pool3"])
+
+    out = results["metrics"]
+    if "fid" in names:
+        out["fid"] = M.frechet_distance(*sample_stats, ref_stats.mu, ref_stats.sigma)
+    if "kid" in names:
+        out.update(M.kernel_inception_distance(sample_feats["pool3"], ref_feats["pool3"], opts.kid_subsets,
+                                               opts.kid_subset_size, seed=opts.seed))
+    if "is" in names:
+        if "logits_unbiased" not in sample_feats:
+            raise ValueError("Inception Score needs the classifier (fc) weights, which these Inception "
+                             "weights lack; convert the full pytorch-fid / torch-fidelity .pth file")
+        out.update(M.inception_score(sample_feats["logits_unbiased"], opts.is_splits, seed=opts.seed))
+    if "pr" in names:
+        out.update(M.precision_recall(sample_feats["pool3"], ref_feats["pool3"], k=opts.pr_k))
+
+    if opts.save_stats:
+        _save_stats(opts, results, sample_feats, sample_info, sample_stats, ref_stats, ref_feats)
+    results["inception_weights"] = weights_desc
+    results["options"] = {k: v for k, v in dataclasses.asdict(opts).items() if k != "progress"}
+    return results
+
+
+def _save_stats(opts, results, sample_feats, sample_info, sample_stats, ref_stats, ref_feats):
+    """--save_stats writes the reference's statistics when computed from images, else the samples'."""
+    if opts.reference is not None and not is_stats_file(opts.reference):
+        feats, info = ref_feats, results["reference"]
+        mu, sigma = ref_stats.mu, ref_stats.sigma
+    elif sample_feats is not None:
+        feats, info = sample_feats, results["samples"]
+        mu, sigma = sample_stats
+    else:
+        raise ValueError("--save_stats: the reference is already a stats file and there are no samples")
+    save_stats(opts.save_stats, mu, sigma, info["num_images"], tuple(info["resolution"] or ()) or None,
+               features=feats["pool3"] if opts.save_features else None)
+    results["saved_stats"] = {"path": opts.save_stats, "of": info["source"]}
+    log.info("wrote statistics of %s to %s", info["source"], opts.save_stats)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    rows = [("metric", "value")] + [(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+                                    for k, v in results["metrics"].items()]
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [f"{a:<{width}}{b}" for a, b in rows]
+    for role in ("samples", "reference"):
+        if role in results:
+            r = results[role]
+            lines.append(f"{role}: {r['source']} ({r['num_images']} images, resolution {r['resolution']})")
+    lines.append(f"inception weights: {results.get('inception_weights')}")
+    return "\n".join(lines)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write JSON atomically: a tmp file in the same folder, then rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)

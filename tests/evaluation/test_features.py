@@ -1,0 +1,134 @@
+"""Sharded feature extraction (batch size / device count independence), image sets and stats files."""
+import json
+import logging
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from latent_diffusion.convert.inception import random_params
+from latent_diffusion.evaluation import stats as S
+from latent_diffusion.evaluation.features import FeatureExtractor
+from latent_diffusion.evaluation.images import ArraySet, open_image_set
+from latent_diffusion.models.inception import InceptionV3
+
+
+def test_features_independent_of_batch_size_and_devices():
+    assert len(jax.devices()) == 8  # tests/conftest.py fakes 8 CPU devices
+    # The real network at its smallest input (75x75, no resize) keeps compile time down; the
+    # 299 path with the resize is covered by the parity test.
+    module = InceptionV3(resize_to=None)
+    params = random_params(module, seed=1)
+    images = ArraySet(np.random.RandomState(0).randint(0, 256, (10, 75, 75, 3), dtype=np.uint8), "test")
+    runs = {}
+    for batch_size, n_devices in [(7, 8), (64, 8), (7, 1)]:
+        fe = FeatureExtractor(module, params, batch_size, devices=jax.devices()[:n_devices], progress=False)
+        assert fe.batch_size % n_devices == 0
+        runs[(batch_size, n_devices)] = fe(images)
+    base = runs[(7, 8)]
+    assert base["pool3"].shape == (10, 2048) and base["logits_unbiased"].shape == (10, 1008)
+    direct = jax.jit(lambda p, x: module.apply({"params": p}, x))(params, images.images)
+    for name, run in runs.items():
+        for k in base:
+            # XLA:CPU picks other conv blockings for 1 vs 8 images per device: float32 rounding only.
+            scale = np.abs(base[k]).max()
+            assert np.abs(run[k] - base[k]).max() <= 1e-5 * scale, (name, k)
+            assert np.abs(np.asarray(direct[k]) - base[k]).max() <= 1e-5 * scale, (name, k)
+
+
+def _save(path, arr, mode=None):
+    img = Image.fromarray(arr)
+    if mode:
+        img = img.convert(mode)
+    img.save(path)
+
+
+def test_folder_modes_sizes_and_jpeg_warning(tmp_path, caplog):
+    rng = np.random.RandomState(0)
+    rgb = [rng.randint(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(5)]
+    _save(tmp_path / "a.png", rgb[0])
+    _save(tmp_path / "b.png", rgb[1], "L")
+    _save(tmp_path / "c.png", rgb[2], "RGBA")
+    _save(tmp_path / "d.png", rgb[3], "P")
+    _save(tmp_path / "e.jpg", rgb[4])
+    with caplog.at_level(logging.WARNING):
+        images = open_image_set(str(tmp_path), "samples")
+    assert images.info.num_images == 5 and images.info.converted_to_rgb == 3
+    assert any("JPEG" in w for w in images.info.warnings)
+    batches = list(images.batches(2))
+    assert [b.shape for b in batches] == [(2, 16, 16, 3), (2, 16, 16, 3), (1, 16, 16, 3)]
+    assert all(b.dtype == np.uint8 for b in batches)
+    np.testing.assert_array_equal(batches[0][0], rgb[0])
+    np.testing.assert_array_equal(batches[1][0], rgb[2])  # RGBA: alpha dropped, colours kept
+    gray = batches[0][1]
+    assert (gray[..., 0] == gray[..., 1]).all()
+
+    _save(tmp_path / "f.png", rng.randint(0, 256, (24, 20, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="different sizes.*--image_size"):
+        open_image_set(str(tmp_path), "samples")
+    resized = open_image_set(str(tmp_path), "samples", image_size=16)
+    assert resized.info.resized == 1 and any("resized" in w for w in resized.info.warnings)
+    assert {b.shape[1:] for b in resized.batches(4)} == {(16, 16, 3)}
+
+
+def test_manifest_npz_and_too_few(tmp_path):
+    rng = np.random.RandomState(1)
+    arrs = [rng.randint(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(3)]
+    (tmp_path / "imgs").mkdir()
+    with open(tmp_path / "manifest.jsonl", "w") as f:
+        for i in (2, 0, 1):
+            _save(tmp_path / "imgs" / f"{i}.png", arrs[i])
+            f.write(json.dumps({"index": i, "path": f"imgs/{i}.png"}) + "\n")
+    got = np.concatenate(list(open_image_set(str(tmp_path), "samples").batches(8)))
+    np.testing.assert_array_equal(got, np.stack([arrs[2], arrs[0], arrs[1]]))  # manifest order
+
+    np.savez(tmp_path / "s.npz", arr_0=np.stack(arrs))
+    assert len(open_image_set(str(tmp_path / "s.npz"), "samples")) == 3
+    np.savez(tmp_path / "f.npz", arr_0=np.stack(arrs).astype(np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        open_image_set(str(tmp_path / "f.npz"), "samples")
+
+    module = InceptionV3(resize_to=None)
+    fe = FeatureExtractor(module, {}, 8, progress=False)
+    with pytest.raises(ValueError, match="at least 2"):
+        fe(ArraySet(np.zeros((1, 75, 75, 3), np.uint8), "one image"))
+
+
+def test_stats_file_roundtrip_and_checks(tmp_path):
+    feats = np.random.RandomState(2).normal(size=(50, 2048))
+    mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
+    path = str(tmp_path / "stats.npz")
+    S.save_stats(path, mu, sigma, num_images=50, resolution=(64, 64), features=feats)
+    st = S.load_stats(path, feature_dim=2048)
+    np.testing.assert_array_equal(st.mu, mu)
+    assert st.resolution == (64, 64) and st.num_images == 50 and st.features.shape == (50, 2048)
+    S.check_resolution(st, (64, 64), path, allow=False)
+    with pytest.raises(ValueError, match="--allow_resolution_mismatch"):
+        S.check_resolution(st, (256, 256), path, allow=False)
+    S.check_resolution(st, (256, 256), path, allow=True)
+
+    # pytorch-fid style (mu, sigma only) and ADM style (mu, sigma, arr_0) files.
+    np.savez(tmp_path / "pf.npz", mu=mu[:64], sigma=sigma[:64, :64])
+    with pytest.raises(ValueError, match="64-d features"):
+        S.load_stats(str(tmp_path / "pf.npz"), feature_dim=2048)
+    np.savez(tmp_path / "adm.npz", mu=mu, sigma=sigma, arr_0=np.zeros((4, 32, 32, 3), np.uint8))
+    adm = S.load_stats(str(tmp_path / "adm.npz"), feature_dim=2048)
+    assert adm.images.shape == (4, 32, 32, 3) and adm.resolution == (32, 32)
+    np.savez(tmp_path / "bad.npz", arr_0=np.zeros(3))
+    assert not S.is_stats_file(str(tmp_path / "bad.npz"))
+    with pytest.raises(ValueError, match="'mu' and 'sigma'"):
+        S.load_stats(str(tmp_path / "bad.npz"))
+
+
+def test_tfds_split_as_image_set():
+    pytest.importorskip("torchvision")  # must load before tensorflow: see tests/evaluation/reference_nets.py
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=5):  # random examples from the feature spec, no download
+        images = open_image_set("tfds:mnist/train", "reference")
+        assert len(images) == 5 and images.info.resolution == (28, 28)
+        shapes = [b.shape for b in images.batches(2)]
+    assert shapes == [(2, 28, 28, 3), (2, 28, 28, 3), (1, 28, 28, 3)]
+    assert images.info.converted_to_rgb == 5  # grayscale -> RGB, counted
+    with pytest.raises(ValueError, match="tfds:NAME/SPLIT"):
+        open_image_set("tfds:mnist", "reference")
