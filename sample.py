@@ -8,11 +8,11 @@ One PNG per sample named by its index, manifest.jsonl and job.json in --outdir; 
 rerun with the same flags makes only the missing samples. Every host of a multi-host job runs
 the same command.
 """
-import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
 
 from absl import app, flags  # noqa: E402
 
@@ -38,16 +38,17 @@ flags.mark_flags_as_required(["workdir", "outdir"])
 FLAGS = flags.FLAGS
 
 
+
 def main(argv):
     del argv
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import jax
     if FLAGS.distributed:
         jax.distributed.initialize()
     from latent_diffusion.sampling import jobs, requests
     from latent_diffusion.sampling.pipeline import LDMGenerator, load_ldm
     from latent_diffusion.training import partitioning
-    logging.getLogger().setLevel(logging.INFO)
+    from latent_diffusion import logs
+    logs.setup()
     if not 1 <= FLAGS.steps <= 1000:
         raise app.UsageError(f"--steps must be in [1, 1000], got {FLAGS.steps}")
     if not 0 <= FLAGS.guidance <= 50:

@@ -6,11 +6,11 @@
 Every host of a multi-host job runs the same command. Running it again with the same
 --workdir resumes from the last checkpoint.
 """
-import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -24,14 +24,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+
 def main(argv):
     del argv
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import jax
     if FLAGS.distributed:
         jax.distributed.initialize()
     from latent_diffusion.training.loop import train_and_evaluate
-    logging.getLogger().setLevel(logging.INFO)
+    from latent_diffusion import logs
+    logs.setup()
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.eval_metrics.items()))
     print(f"finished at step {result.step} ({result.steps_per_sec:.2f} steps/s"

@@ -9,6 +9,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# TensorFlow imported before torchvision (which loads triton) crashes the interpreter; the other
+# order is fine, so the PyTorch references are imported first when they are installed.
+try:
+    import torch  # noqa: E402,F401
+    import torchvision  # noqa: E402,F401
+except ImportError:
+    pass
+
 import pytest  # noqa: E402
 
 

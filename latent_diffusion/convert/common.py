@@ -14,7 +14,8 @@ def to_numpy(value: Any) -> np.ndarray:
         if value.is_floating_point():
             value = value.float()
         value = value.numpy()
-    arr = np.asarray(value)
+    # A copy: arrays that share memory with torch tensors change when torch updates them in place.
+    arr = np.array(value, copy=True)
     if arr.dtype.kind == "f" and arr.dtype != np.float32:
         arr = arr.astype(np.float32)
     return arr

@@ -14,6 +14,8 @@ import numpy as np
 from latent_diffusion.sampling.requests import WorkItem
 from latent_diffusion.training import checkpointing, partitioning
 
+log = logging.getLogger(__name__)
+
 
 def load_ldm(workdir: str, mesh, *, use_ema: bool = True, step: int | None = None):
     """(task, model params, frozen params, meta) of an LDM training workdir."""
@@ -32,7 +34,7 @@ def load_ldm(workdir: str, mesh, *, use_ema: bool = True, step: int | None = Non
     state, meta = checkpointing.restore_state_tree(workdir, repl, step)
     ema = state.get("ema_params")
     params = ema if (use_ema and ema is not None) else state["params"]["model"]
-    logging.info("loaded %s weights of step %s from %s", "EMA" if params is ema else "raw", meta.get("step"),
+    log.info("loaded %s weights of step %s from %s", "EMA" if params is ema else "raw", meta.get("step"),
                  workdir)
     return task, params, task.frozen(), meta
 

@@ -23,6 +23,8 @@ import ml_collections
 from latent_diffusion.models import build
 from latent_diffusion.training import checkpointing, partitioning
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class FirstStage:
@@ -66,7 +68,7 @@ def load(cfg, mesh) -> FirstStage:
         scale = cfg.scale_factor or meta.get("scale_factor")
         if not scale:
             raise ValueError(f"no scale factor stored with {cfg.workdir}; set first_stage.scale_factor")
-        logging.info("first stage from %s (step %s, %s params), scale factor %.5f", cfg.workdir,
+        log.info("first stage from %s (step %s, %s params), scale factor %.5f", cfg.workdir,
                      meta.get("step"), "EMA" if use_ema else "raw", scale)
         return _describe(module, meta["kind"], params, scale)
     if cfg.checkpoint:
@@ -77,7 +79,7 @@ def load(cfg, mesh) -> FirstStage:
         params = jax.device_put(params, repl(params))
         return _describe(module, cfg.model.kind, params, cfg.scale_factor)
     if cfg.random_init:
-        logging.warning("first stage has RANDOM weights (first_stage.random_init): for tests only")
+        log.warning("first stage has RANDOM weights (first_stage.random_init): for tests only")
         module = build.autoencoder(cfg.model)
         res = 8 * 2 ** (len(module.ch_mult) - 1)
         params = jax.jit(lambda r: module.init({"params": r, "sample": r},

@@ -20,6 +20,8 @@ import numpy as np
 from latent_diffusion.training import checkpointing, partitioning
 from latent_diffusion.training.state import tree_all_finite
 
+log = logging.getLogger(__name__)
+
 
 class NonFiniteError(FloatingPointError):
     """Raised when the loss or gradients become NaN/Inf; the last checkpoint is left intact."""
@@ -130,11 +132,11 @@ def train_and_evaluate(config, workdir: str, devices=None) -> RunResult:
         state, _, _ = checkpointing.restore(manager, checkpointing.abstract_like(abstract, shardings),
                                             data_iterator=train_iter)
         peeked = None  # the restored iterator is positioned after the checkpointed step's batch
-        logging.info("resumed from step %d in %s", resumed_from, workdir)
+        log.info("resumed from step %d in %s", resumed_from, workdir)
     else:
         state = jax.jit(task.init, out_shardings=shardings)(init_rng, batch, frozen)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
-    logging.info("trainable parameters: %s", f"{n_params:,}")
+    log.info("trainable parameters: %s", f"{n_params:,}")
 
     step_fn = jax.jit(_guard(task.train_step),
                       in_shardings=(shardings, batch_shd, repl, frozen_shd),
@@ -175,13 +177,13 @@ def train_and_evaluate(config, workdir: str, devices=None) -> RunResult:
             train_metrics = _mean_metrics(history)
             history = []
             writer.write_scalars(done, {f"train/{k}": v for k, v in train_metrics.items()})
-            logging.info("step %d: %s", done, _fmt(train_metrics))
+            log.info("step %d: %s", done, _fmt(train_metrics))
         if done % config.eval_every == 0 or done == config.num_train_steps:
             eval_metrics, images = evaluate(task, state, frozen, config, mesh, eval_fn, eval_rng)
             writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
             if images:
                 writer.write_images(done, {k: np.asarray(v) for k, v in images.items()})
-            logging.info("eval at step %d: %s", done, _fmt(eval_metrics))
+            log.info("eval at step %d: %s", done, _fmt(eval_metrics))
         if done % config.checkpoint.every == 0 or done == config.num_train_steps:
             checkpoint(done)
     if last_finite is not None and not bool(last_finite[1]):
