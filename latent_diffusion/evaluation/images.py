@@ -8,6 +8,7 @@ batches are made) and counted.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import dataclasses
 import json
 import logging
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LOSSY_EXTS = (".jpg", ".jpeg", ".webp")
 MANIFEST = "manifest.jsonl"
-_MANIFEST_KEYS = ("path", "file", "filename", "image")
+# sample.py writes `file` (relative to the folder); the others are accepted for hand-made manifests.
+_MANIFEST_KEYS = ("file", "path", "filename", "image")
 
 
 @dataclasses.dataclass
@@ -68,6 +70,10 @@ class ImageSet:
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         raise NotImplementedError
 
+    def slice(self, start: int, stop: int) -> "ImageSet":
+        """Images [start, stop) as a set of their own (one host's share); `info` is shared."""
+        raise NotImplementedError
+
 
 class ArraySet(ImageSet):
     """Images already in memory (an .npz `arr_0`, an ADM reference batch)."""
@@ -99,6 +105,14 @@ class ArraySet(ImageSet):
     def batches(self, batch_size):
         for start in range(0, len(self.images), batch_size):
             yield self.images[start:start + batch_size]
+
+    def slice(self, start, stop):
+        part = copy.copy(self)
+        part.images = self.images[start:stop]
+        return part
+
+    def __len__(self):
+        return len(self.images)
 
 
 class FileSet(ImageSet):
@@ -150,6 +164,14 @@ class FileSet(ImageSet):
         with Image.open(path) as im:
             return _to_rgb_array(im, self.image_size, path)
 
+    def __len__(self):
+        return len(self.paths)
+
+    def slice(self, start, stop):
+        part = copy.copy(self)
+        part.paths = self.paths[start:stop]
+        return part
+
     def batches(self, batch_size):
         chunks = [self.paths[i:i + batch_size] for i in range(0, len(self.paths), batch_size)]
         with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
@@ -161,31 +183,71 @@ class FileSet(ImageSet):
                 yield np.stack([f.result() for f in current])
 
 
+def read_manifest(folder: str) -> list[dict] | None:
+    """sample.py's manifest.jsonl entries in file order, each with `path` resolved; None without one."""
+    manifest = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(manifest):
+        return None
+    entries, seen = [], {}
+    with open(manifest, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{manifest}:{line_no}: not a JSON line ({e}); a sampling job that is still "
+                                 "running or was killed rewrites it when rerun to completion") from None
+            key = next((k for k in _MANIFEST_KEYS if isinstance(entry.get(k), str)), None)
+            if key is None:
+                raise ValueError(f"{manifest}:{line_no}: no image file name (expected one of {_MANIFEST_KEYS})")
+            p = entry[key] if os.path.isabs(entry[key]) else os.path.join(folder, entry[key])
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"{manifest}:{line_no}: listed image {p} does not exist "
+                                        "(is the sampling job still running?)")
+            if p in seen:
+                raise ValueError(f"{manifest}:{line_no}: image {p} is listed twice (first on line {seen[p]}); "
+                                 "rerun the sampling job to rebuild the manifest")
+            seen[p] = line_no
+            entries.append(dict(entry, path=p))
+    return entries
+
+
 def list_images(folder: str) -> list[str]:
     """Image files of a folder (recursive, sorted); sample.py's manifest.jsonl order if present."""
-    manifest = os.path.join(folder, MANIFEST)
-    if os.path.isfile(manifest):
-        paths = []
-        with open(manifest) as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                entry = json.loads(line)
-                key = next((k for k in _MANIFEST_KEYS if isinstance(entry.get(k), str)), None)
-                if key is None:
-                    raise ValueError(f"{manifest}:{line_no}: no image path (expected one of {_MANIFEST_KEYS})")
-                p = entry[key] if os.path.isabs(entry[key]) else os.path.join(folder, entry[key])
-                if not os.path.isfile(p):
-                    raise FileNotFoundError(f"{manifest}:{line_no}: listed image {p} does not exist "
-                                            "(is the sampling job still running?)")
-                paths.append(p)
-        return paths
+    entries = read_manifest(folder)
+    if entries is not None:
+        return [e["path"] for e in entries]
     paths = []
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         paths += [os.path.join(root, f) for f in sorted(files)
                   if f.lower().endswith(IMAGE_EXTS) and not f.startswith(".")]
     return paths
+
+
+def prompts_of(spec: str) -> list[str]:
+    """The prompt of every image of `spec`, in the order open_image_set reads them.
+
+    A folder needs sample.py's manifest.jsonl; an .npz (sample.py's samples.npz, ordered by
+    index) uses the manifest.jsonl beside it, sorted by index.
+    """
+    folder = spec if os.path.isdir(spec) else os.path.dirname(os.path.abspath(spec))
+    entries = read_manifest(folder)
+    if entries is None:
+        raise ValueError(f"CLIP score needs the prompt of every image: {spec} has no {MANIFEST} "
+                         f"(evaluate a sample.py output folder, or write one JSON line per image with "
+                         "'file' and 'prompt')")
+    if not os.path.isdir(spec):
+        if any(not isinstance(e.get("index"), int) for e in entries):
+            raise ValueError(f"{folder}/{MANIFEST}: every line needs an integer 'index' to pair prompts "
+                             f"with the images of {spec}")
+        entries = sorted(entries, key=lambda e: e["index"])
+    missing = [e["path"] for e in entries if not isinstance(e.get("prompt"), str)]
+    if missing:
+        raise ValueError(f"{folder}/{MANIFEST}: {len(missing)} image(s) have no 'prompt' (first: {missing[0]}); "
+                         "CLIP score needs text-conditional samples")
+    return [e["prompt"] for e in entries]
 
 
 class TFDSSet(ImageSet):
@@ -221,11 +283,10 @@ class TFDSSet(ImageSet):
     def batches(self, batch_size):
         import tensorflow_datasets as tfds
         from PIL import Image
-        batch = []
+        batch, converted = [], 0
         for ex in tfds.as_numpy(self.ds):
             img = ex["image"]
-            if img.shape[-1] != 3:
-                self.info.converted_to_rgb += 1
+            converted += img.shape[-1] != 3
             batch.append(_to_rgb_array(Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img),
                                        self.image_size, self.info.description))
             if len(batch) == batch_size:
@@ -233,8 +294,15 @@ class TFDSSet(ImageSet):
                 batch = []
         if batch:
             yield np.stack(batch)
-        if self.info.converted_to_rgb:
-            self.info.warn(f"{self.info.description}: {self.info.converted_to_rgb} non-RGB images converted to RGB")
+        # Counted once, at the end of the first full pass (a set may be read for several metrics).
+        if converted and not self.info.converted_to_rgb:
+            self.info.converted_to_rgb = converted
+            self.info.warn(f"{self.info.description}: {converted} non-RGB images converted to RGB")
+
+    def slice(self, start, stop):
+        part = copy.copy(self)
+        part.ds = self.ds.skip(start).take(stop - start)
+        return part
 
 
 def open_image_set(spec: str, role: str, image_size: int | None = None,

@@ -1,4 +1,4 @@
-"""FID, KID, Inception Score and precision/recall from features, in float64 numpy on the host.
+"""FID, KID, Inception Score, precision/recall and CLIP score from features, in float64 numpy on the host.
 
 Each follows its reference implementation step for step so the numbers agree:
 FID: pytorch-fid `calculate_frechet_distance`; KID and IS: torch-fidelity (same RNG draws);
@@ -136,11 +136,15 @@ def precision_recall(generated, real, k: int = 3, batch_size: int = 10000) -> di
     return {"precision": precision, "recall": recall, "f_score": f_score}
 
 
-def clip_score(*args, **kwargs):
-    """Extension point: CLIP score needs the CLIP image/text towers (models/text_encoders.py).
+def clip_score(image_embeds: np.ndarray, text_embeds: np.ndarray) -> dict:
+    """CLIP score of paired, L2-normalised embeddings as torchmetrics' CLIPScore computes it.
 
-    Not implemented yet on purpose: it must use the project's converted CLIP weights, not a
-    stand-in. Wire it here (cosine similarity of image and prompt embeddings, x100, clipped at 0).
+    max(mean(100 * cos), 0): torchmetrics clips the mean; Hessel et al. clip each sample, which
+    differs only when some cosines are negative. Also the spread and count of the per-sample scores.
     """
-    raise NotImplementedError("CLIP score is not available yet: it needs the CLIP towers from "
-                              "latent_diffusion.models.text_encoders. Drop 'clip' from --metrics.")
+    img, txt = np.asarray(image_embeds, np.float64), np.asarray(text_embeds, np.float64)
+    if img.ndim != 2 or img.shape != txt.shape:
+        raise ValueError(f"clip score: expected paired (N, D) embeddings, got {img.shape} and {txt.shape}")
+    per_sample = 100.0 * np.sum(img * txt, axis=-1)
+    return {"clip_score": float(max(per_sample.mean(), 0.0)), "clip_score_std": float(per_sample.std()),
+            "clip_score_num": int(len(per_sample))}

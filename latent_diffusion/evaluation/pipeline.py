@@ -1,4 +1,5 @@
-"""Offline evaluation: samples vs a reference (images or stats file) -> FID / KID / IS / precision-recall."""
+"""Offline evaluation: samples vs a reference (images or stats file) -> FID / KID / IS / precision-recall,
+and CLIP score of samples against their prompts (sample.py's manifest.jsonl)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,13 +12,14 @@ import numpy as np
 
 from latent_diffusion.evaluation import metrics as M
 from latent_diffusion.evaluation.features import FeatureExtractor
-from latent_diffusion.evaluation.images import ArraySet, SetInfo, open_image_set
+from latent_diffusion.evaluation.images import ArraySet, SetInfo, open_image_set, prompts_of
 from latent_diffusion.evaluation.stats import Stats, check_resolution, is_stats_file, load_stats, save_stats
 from latent_diffusion.models.inception import FEATURE_DIM
 
 log = logging.getLogger(__name__)
 METRICS = ("fid", "kid", "is", "pr", "clip")
 NEEDS_REFERENCE = ("fid", "kid", "pr")
+NEEDS_INCEPTION = ("fid", "kid", "is", "pr")
 
 
 @dataclasses.dataclass
@@ -26,6 +28,7 @@ class EvalOptions:
     reference: str | None = None
     metrics: tuple[str, ...] = ("fid",)
     inception_weights: str | None = None
+    clip_model: str | None = None
     allow_random_inception_for_tests: bool = False
     batch_size: int = 64
     image_size: int | None = None
@@ -54,13 +57,11 @@ def load_inception(weights: str | None, allow_random: bool):
     return module, params, path
 
 
-def _check_metrics(opts: EvalOptions) -> tuple[str, ...]:
+def _check_metrics(opts: EvalOptions, have_clip: bool = False) -> tuple[str, ...]:
     names = tuple(m.strip().lower() for m in opts.metrics if m.strip())
     unknown = [m for m in names if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
-    if "clip" in names:
-        M.clip_score()  # raises with an explanation until the CLIP towers land
     if opts.samples is None:
         if not opts.save_stats or not opts.reference:
             raise ValueError("nothing to do: pass --samples (and --reference) to compute metrics, or "
@@ -69,6 +70,13 @@ def _check_metrics(opts: EvalOptions) -> tuple[str, ...]:
     if opts.reference is None and any(m in NEEDS_REFERENCE for m in names):
         raise ValueError(f"metrics {[m for m in names if m in NEEDS_REFERENCE]} need --reference "
                          "(a folder, an .npz of images, a stats .npz or tfds:NAME/SPLIT)")
+    if "clip" in names:
+        if opts.samples is None:
+            raise ValueError("--metrics=clip scores --samples against their prompts; pass --samples")
+        if opts.clip_model is None and not have_clip:
+            raise ValueError("--metrics=clip needs --clip_model=DIR: a local transformers CLIPModel folder "
+                             "(config.json, model.safetensors or pytorch_model.bin, tokenizer files), e.g. "
+                             "openai/clip-vit-large-patch14 saved with save_pretrained; nothing is downloaded")
     return names
 
 
@@ -78,9 +86,18 @@ def _set_report(info: SetInfo) -> dict:
             "converted_to_rgb": info.converted_to_rgb, "resized": info.resized, "warnings": list(info.warnings)}
 
 
-def evaluate(opts: EvalOptions, extractor: FeatureExtractor | None = None) -> dict[str, Any]:
-    """Compute the requested metrics; returns a JSON-ready dict. `extractor` overrides the Inception."""
-    names = _check_metrics(opts)
+def evaluate(opts: EvalOptions, extractor: FeatureExtractor | None = None, clip_scorer=None) -> dict[str, Any]:
+    """Compute the requested metrics; returns a JSON-ready dict.
+
+    `extractor` overrides the Inception, `clip_scorer` (a clip_score.CLIPScorer) the --clip_model.
+    """
+    names = _check_metrics(opts, have_clip=clip_scorer is not None)
+    prompts = None
+    if "clip" in names:  # prompts and model first: fail before any compute
+        prompts = prompts_of(opts.samples)
+        if clip_scorer is None:
+            from latent_diffusion.evaluation.clip_score import load_clip
+            clip_scorer = load_clip(opts.clip_model)
     weights_desc = "custom extractor"
 
     def get_extractor():
@@ -97,14 +114,16 @@ def evaluate(opts: EvalOptions, extractor: FeatureExtractor | None = None) -> di
         return feats, images.info
 
     results: dict[str, Any] = {"metrics": {}}
-    sample_feats = sample_info = None
+    sample_feats = sample_info = sample_set = None
     if opts.samples is not None:
-        sample_feats, sample_info = features_of(opts.samples, "samples")
-        results["samples"] = _set_report(sample_info)
+        sample_set = open_image_set(opts.samples, "samples", opts.image_size, opts.tfds_data_dir)
+        sample_info = sample_set.info
+        if any(m in NEEDS_INCEPTION for m in names) or opts.save_stats:
+            sample_feats = get_extractor()(sample_set, desc="samples")
 
     ref_stats: Stats | None = None
     ref_feats = None
-    if opts.reference is not None and (names or opts.save_stats):
+    if opts.reference is not None and (any(m in NEEDS_INCEPTION for m in names) or opts.save_stats):
         if is_stats_file(opts.reference):
             ref_stats = load_stats(opts.reference, feature_dim=FEATURE_DIM)
             ref_info = SetInfo(f"reference stats {opts.reference}", num_images=ref_stats.num_images or 0,
@@ -135,6 +154,9 @@ def evaluate(opts: EvalOptions, extractor: FeatureExtractor | None = None) -> di
         sample_stats = M.gaussian_stats(sample_feats["pool3"])
 
     out = results["metrics"]
+    if "clip" in names:
+        out.update(clip_scorer(sample_set, prompts, opts.batch_size, progress=opts.progress))
+        results["clip_model"] = clip_scorer.description
     if "fid" in names:
         out["fid"] = M.frechet_distance(*sample_stats, ref_stats.mu, ref_stats.sigma)
     if "kid" in names:
@@ -148,9 +170,12 @@ def evaluate(opts: EvalOptions, extractor: FeatureExtractor | None = None) -> di
     if "pr" in names:
         out.update(M.precision_recall(sample_feats["pool3"], ref_feats["pool3"], k=opts.pr_k))
 
+    if sample_info is not None:  # after the reads: TFDS counts conversions while reading
+        results["samples"] = _set_report(sample_info)
     if opts.save_stats:
         _save_stats(opts, results, sample_feats, sample_info, sample_stats, ref_stats, ref_feats)
-    results["inception_weights"] = weights_desc
+    if extractor is not None:
+        results["inception_weights"] = weights_desc
     results["options"] = {k: v for k, v in dataclasses.asdict(opts).items() if k != "progress"}
     return results
 
@@ -180,7 +205,10 @@ def format_table(results: dict[str, Any]) -> str:
         if role in results:
             r = results[role]
             lines.append(f"{role}: {r['source']} ({r['num_images']} images, resolution {r['resolution']})")
-    lines.append(f"inception weights: {results.get('inception_weights')}")
+    if "inception_weights" in results:
+        lines.append(f"inception weights: {results['inception_weights']}")
+    if "clip_model" in results:
+        lines.append(f"clip model: {results['clip_model']}")
     return "\n".join(lines)
 
 

@@ -116,5 +116,5 @@ def test_pipeline_stats_roundtrip_and_metric_values(tmp_path, small_extractor, m
         pipeline.evaluate(opts3, extractor=small_extractor)
     with pytest.raises(ValueError, match="unknown metric"):
         pipeline.evaluate(pipeline.EvalOptions(samples="x", reference="y", metrics=("fdi",)))
-    with pytest.raises(NotImplementedError, match="CLIP"):
+    with pytest.raises(ValueError, match="--clip_model"):
         pipeline.evaluate(pipeline.EvalOptions(samples="x", reference="y", metrics=("clip",)))

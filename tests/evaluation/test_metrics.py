@@ -104,8 +104,3 @@ def test_precision_recall_matches_torch_fidelity(batch_size):
     assert ours["precision"] == pytest.approx(ref["precision"], abs=1e-6)
     assert ours["recall"] == pytest.approx(ref["recall"], abs=1e-6)
     assert ours["f_score"] == pytest.approx(ref["f_score"], rel=1e-6)
-
-
-def test_clip_score_is_an_explicit_extension_point():
-    with pytest.raises(NotImplementedError, match="text_encoders"):
-        M.clip_score()
