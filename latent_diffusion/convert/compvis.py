@@ -1,9 +1,9 @@
 """Original CompVis LDM / Stable Diffusion checkpoints -> our modules and params.
 
 A full LDM checkpoint holds several components under their own prefixes; each has a loader in
-`_COMPONENTS`. A first-stage-only checkpoint (as trained by `ldm/models/autoencoder.py`) has the
-autoencoder keys at the top level. To add a component (UNet under 'model.diffusion_model.', text
-encoder under 'cond_stage_model.'), add a `(name, prefix, loader)` entry.
+`_COMPONENTS`: the first stage ('first_stage_model.'), the UNet ('model.diffusion_model.') and the
+text encoder ('cond_stage_model.'). A first-stage-only checkpoint (as trained by
+`ldm/models/autoencoder.py`) has the autoencoder keys at the top level.
 """
 from __future__ import annotations
 
@@ -160,23 +160,98 @@ def _has_first_stage(sd: Mapping[str, Any]) -> bool:
     return "encoder.conv_in.weight" in sd or FIRST_STAGE_PREFIX + "encoder.conv_in.weight" in sd
 
 
+UNET_PREFIX = "model.diffusion_model."
+COND_PREFIX = "cond_stage_model."
+# Buffers of CompVis' DDPM (the schedule is rebuilt from the config) and EMA bookkeeping.
+_LDM_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "scale_factor", "lvlb_weights")
+# CompVis UNetModel arguments that are not fields of ours (they change nothing we compute, or are checked).
+_UNET_DROP = ("image_size", "use_checkpoint", "use_fp16", "use_spatial_transformer", "num_heads_upsample",
+              "use_new_attention_order", "n_embed", "disable_self_attentions", "num_attention_blocks",
+              "disable_middle_self_attn", "spatial_transformer_attn_type", "adm_in_channels")
+
+
+def _unet_kwargs(config: Any, sd: Mapping[str, Any]) -> dict:
+    cfg = _plain(config)
+    if "model" in cfg:
+        cfg = _plain(cfg["model"])
+    unet_cfg = _plain(_plain(cfg.get("params", {})).get("unet_config", {})).get("params")
+    if unet_cfg is None:
+        raise ValueError("from_compvis: a checkpoint with a UNet needs its yaml config (as a dict) with "
+                         "model.params.unet_config.params; pass config=yaml.safe_load(open('v1-inference.yaml'))")
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in _plain(unet_cfg).items()}
+    if kw.get("use_spatial_transformer") is False and kw.get("attention_resolutions"):
+        raise NotImplementedError("CompVis UNets with use_spatial_transformer=False (AttentionBlock) are not "
+                                  "supported; only SpatialTransformer checkpoints load")
+    if kw.get("use_checkpoint"):
+        kw["remat"] = True
+    for key in _UNET_DROP:
+        kw.pop(key, None)
+    rows = sd.get(UNET_PREFIX + "label_emb.weight")
+    if kw.get("num_classes") is not None and rows is not None:
+        kw["num_classes"] = int(rows.shape[0]) - 1  # our table has a null row at index num_classes
+    return kw
+
+
+def unet_from_compvis(state_dict: Mapping[str, Any], config: Any = None):
+    from latent_diffusion.convert.unet import unet_from_compvis_state_dict
+    return unet_from_compvis_state_dict(state_dict, _unet_kwargs(config, state_dict))
+
+
+def text_encoder_from_compvis(state_dict: Mapping[str, Any], config: Any = None):
+    """SD v1 CLIP (transformers keys), SD v2 OpenCLIP, or the LDM paper's BERTEmbedder, by key layout."""
+    from latent_diffusion.convert import clip
+    if any(k.startswith(COND_PREFIX + "model.") for k in state_dict):
+        return clip.openclip_text_from_compvis(state_dict)
+    if any(k.startswith(COND_PREFIX + "transformer.attn_layers.") for k in state_dict):
+        return clip.bert_embedder_from_compvis(state_dict)
+    return clip.clip_text_from_compvis(state_dict)
+
+
+def _has_unet(sd: Mapping[str, Any]) -> bool:
+    return any(k.startswith(UNET_PREFIX) for k in sd)
+
+
+def _has_text_encoder(sd: Mapping[str, Any]) -> bool:
+    return any(k.startswith(COND_PREFIX + p) for k in sd for p in ("transformer.", "model."))
+
+
 _COMPONENTS = (
     ("first_stage", _has_first_stage, first_stage_from_compvis),
+    ("unet", _has_unet, unet_from_compvis),
+    ("text_encoder", _has_text_encoder, text_encoder_from_compvis),
 )
 
 
-def from_compvis(path_or_state_dict: Any, config: Any = None) -> dict[str, tuple[Any, dict]]:
-    """{component: (module, params)} for every known component found in a CompVis checkpoint.
+def _unknown_keys(sd: Mapping[str, Any]) -> list[str]:
+    known = (FIRST_STAGE_PREFIX, UNET_PREFIX, COND_PREFIX, "model_ema.") + _FIRST_STAGE_IGNORE
+    top_level_ae = _has_first_stage(sd) and not any(k.startswith(FIRST_STAGE_PREFIX) for k in sd)
+    return sorted(k for k in sd if not k.startswith(known) and k not in _LDM_BUFFERS
+                  and not (top_level_ae and k.split(".", 1)[0] in ("encoder", "decoder", "quant_conv",
+                                                                    "post_quant_conv", "quantize")))
 
-    `config` is the CompVis yaml as a dict (full LDM or first-stage), a flat first-stage dict
-    with 'kind' ('kl'/'vq') plus ddconfig fields and embed_dim (n_embed for VQ), or None to read
-    the first-stage architecture off the weights.
+
+def from_compvis(path_or_state_dict: Any, config: Any = None) -> dict[str, tuple[Any, dict]]:
+    """{component: (module, params)} for every component of a CompVis checkpoint.
+
+    Components: 'first_stage' (autoencoder), 'unet' (needs the yaml config as a dict) and
+    'text_encoder' (SD v1 CLIP, SD v2 OpenCLIP or the LDM BERTEmbedder). `config` is the CompVis
+    yaml as a dict (full LDM or first-stage), a flat first-stage dict with 'kind' ('kl'/'vq') plus
+    ddconfig fields and embed_dim (n_embed for VQ), or None for a first-stage-only checkpoint
+    (its architecture is read off the weights). Keys that belong to no component raise, by name;
+    each component's loader raises on its own missing or unexpected keys.
     """
     sd = state_dict_of(path_or_state_dict)
+    unknown = _unknown_keys(sd)
+    if unknown:
+        raise ValueError(f"from_compvis: {len(unknown)} key(s) belong to no known component: {unknown[:20]}"
+                         f"{' ...' if len(unknown) > 20 else ''}")
     found = {name: load(sd, config) for name, present, load in _COMPONENTS if present(sd)}
     if not found:
         heads = sorted({k.split(".", 1)[0] for k in sd})[:20]
         raise ValueError("from_compvis: no known component in the checkpoint; expected "
-                         f"'encoder.*'/'decoder.*' or '{FIRST_STAGE_PREFIX}*' keys, found top-level "
-                         f"names {heads}")
+                         f"'encoder.*'/'decoder.*', '{FIRST_STAGE_PREFIX}*', '{UNET_PREFIX}*' or "
+                         f"'{COND_PREFIX}*' keys, found top-level names {heads}")
     return found
