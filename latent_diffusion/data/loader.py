@@ -16,6 +16,7 @@ The returned iterator is a grain DatasetIterator: get_state()/set_state() and
 grain.checkpoint.CheckpointSave/CheckpointRestore resume it exactly, and its
 `skipped` attribute counts the corrupt records dropped so far.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,328 +35,364 @@ _CORRUPT = '_corrupt'
 _SKIPPED = '_skipped'
 
 DATA_DEFAULTS = dict(
-    name='shapes',        # 'shapes' (built on demand) or any TFDS name, e.g. 'imagenet2012'
-    data_dir=None,        # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
-    config=None,          # TFDS builder config; for shapes None picks it from resolution
-    version=None,         # TFDS version string, None = the builder's default
+    name='shapes',  # 'shapes' (built on demand) or any TFDS name, e.g. 'imagenet2012'
+    data_dir=None,  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+    config=None,  # TFDS builder config; for shapes None picks it from resolution
+    version=None,  # TFDS version string, None = the builder's default
     image_key='image',
-    resolution=None,      # shorter side resized to this, then a square crop; None keeps size
-    random_crop=False,    # False: centre crop
+    resolution=None,  # shorter side resized to this, then a square crop; None keeps size
+    random_crop=False,  # False: centre crop
     random_flip=False,
     resize_method='bicubic',  # 'bicubic' or 'area' (see preprocess.py)
-    keys=(),              # extra features to keep, e.g. ('caption', 'objects')
-    max_objects=16,       # sequence features are padded / truncated to this length
+    keys=(),  # extra features to keep, e.g. ('caption', 'objects')
+    max_objects=16,  # sequence features are padded / truncated to this length
     drop_remainder=True,
     train_split='train',  # read by the training loop, not the loader
     eval_split='test',
-    num_threads=8,        # decode threads per process
+    num_threads=8,  # decode threads per process
     prefetch_buffer_size=64,  # decoded elements kept ahead of the batcher
 )
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(DATA_DEFAULTS))
+    return ml_collections.ConfigDict(dict(DATA_DEFAULTS))
 
 
 def _settings(data_cfg) -> dict:
-  given = dict(data_cfg.items()) if hasattr(data_cfg, 'items') else dict(data_cfg)
-  unknown = sorted(set(given) - set(DATA_DEFAULTS))
-  if unknown:
-    raise ValueError(f'unknown data config key(s) {unknown}; the loader accepts '
-                     f'{sorted(DATA_DEFAULTS)}')
-  cfg = {**DATA_DEFAULTS, **given}
-  if cfg['resolution'] is not None and int(cfg['resolution']) <= 0:
-    raise ValueError(f"data.resolution must be a positive int or None, got {cfg['resolution']}")
-  if cfg['resize_method'] not in ('bicubic', 'area', 'bilinear'):
-    raise ValueError(f"data.resize_method must be 'bicubic', 'area' or 'bilinear', "
-                     f"got {cfg['resize_method']!r}")
-  cfg['keys'] = tuple(cfg['keys'] or ())
-  return cfg
+    given = dict(data_cfg.items()) if hasattr(data_cfg, 'items') else dict(data_cfg)
+    unknown = sorted(set(given) - set(DATA_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f'unknown data config key(s) {unknown}; the loader accepts ' f'{sorted(DATA_DEFAULTS)}'
+        )
+    cfg = {**DATA_DEFAULTS, **given}
+    if cfg['resolution'] is not None and int(cfg['resolution']) <= 0:
+        raise ValueError(f"data.resolution must be a positive int or None, got {cfg['resolution']}")
+    if cfg['resize_method'] not in ('bicubic', 'area', 'bilinear'):
+        raise ValueError(
+            f"data.resize_method must be 'bicubic', 'area' or 'bilinear', " f"got {cfg['resize_method']!r}"
+        )
+    cfg['keys'] = tuple(cfg['keys'] or ())
+    return cfg
 
 
 def _open_builder(cfg):
-  """Returns a prepared TFDS builder, or raises saying how to prepare it."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from latent_diffusion.data import shapes  # pylint: disable=g-import-not-at-top
-  name, config = cfg['name'], cfg['config']
-  if name == 'shapes' or name.startswith('shapes/'):
-    if '/' in name:
-      config = name.split('/', 1)[1]
-    if config is None:
-      res = cfg['resolution']
-      config = str(res) if res in (32, 64, 128, 256) else shapes.Shapes.DEFAULT_CONFIG_NAME
-    return shapes.ensure_built(cfg['data_dir'], config)
-  data_dir = os.path.expanduser(cfg['data_dir']) if cfg['data_dir'] else None
-  where = f"data_dir '{data_dir}'" if data_dir else 'the default TFDS data_dir'
-  how = (f"Prepare it first, e.g. `tfds build {name} --data_dir="
-         f"{data_dir or '~/tensorflow_datasets'} --file_format=array_record`, or point "
-         f"data.data_dir at the directory where it is prepared; this loader never downloads.")
-  kwargs = {'data_dir': data_dir}
-  if config is not None:
-    kwargs['config'] = config
-  if cfg['version'] is not None:
-    kwargs['version'] = cfg['version']
-  try:
-    builder = tfds.builder(name, **kwargs)
-  except Exception as e:  # TFDS raises several types for unknown or absent datasets
-    raise FileNotFoundError(
-        f"Dataset '{name}' was not found in {where} ({type(e).__name__}: {e}). {how}") from e
-  if not builder.is_prepared():
-    raise FileNotFoundError(
-        f"Dataset '{name}' is not prepared in {where}: expected its files under "
-        f"'{builder.data_dir}'. {how}")
-  return builder
+    """Returns a prepared TFDS builder, or raises saying how to prepare it."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    from latent_diffusion.data import shapes  # pylint: disable=g-import-not-at-top
+
+    name, config = cfg['name'], cfg['config']
+    if name == 'shapes' or name.startswith('shapes/'):
+        if '/' in name:
+            config = name.split('/', 1)[1]
+        if config is None:
+            res = cfg['resolution']
+            config = str(res) if res in (32, 64, 128, 256) else shapes.Shapes.DEFAULT_CONFIG_NAME
+        return shapes.ensure_built(cfg['data_dir'], config)
+    data_dir = os.path.expanduser(cfg['data_dir']) if cfg['data_dir'] else None
+    where = f"data_dir '{data_dir}'" if data_dir else 'the default TFDS data_dir'
+    how = (
+        f"Prepare it first, e.g. `tfds build {name} --data_dir="
+        f"{data_dir or '~/tensorflow_datasets'} --file_format=array_record`, or point "
+        f"data.data_dir at the directory where it is prepared; this loader never downloads."
+    )
+    kwargs = {'data_dir': data_dir}
+    if config is not None:
+        kwargs['config'] = config
+    if cfg['version'] is not None:
+        kwargs['version'] = cfg['version']
+    try:
+        builder = tfds.builder(name, **kwargs)
+    except Exception as e:  # TFDS raises several types for unknown or absent datasets
+        raise FileNotFoundError(
+            f"Dataset '{name}' was not found in {where} ({type(e).__name__}: {e}). {how}"
+        ) from e
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"Dataset '{name}' is not prepared in {where}: expected its files under "
+            f"'{builder.data_dir}'. {how}"
+        )
+    return builder
 
 
 def _is_image_feature(feature) -> bool:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return isinstance(feature, tfds.features.Image)
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    return isinstance(feature, tfds.features.Image)
 
 
 def _is_text_feature(feature) -> bool:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return isinstance(feature, tfds.features.Text)
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    return isinstance(feature, tfds.features.Text)
 
 
 def _decode_image(value, rgb: bool) -> np.ndarray:
-  """Encoded bytes (or an already decoded array) -> uint8 HWC; RGB when `rgb`."""
-  if isinstance(value, np.ndarray) and value.dtype != object:
-    array = value if value.ndim == 3 else value[..., None]
-    if rgb and array.shape[-1] == 1:
-      array = np.repeat(array, 3, -1)
-    return array[..., :3] if rgb else array
-  with Image.open(io.BytesIO(bytes(value))) as pil:
-    pil.load()  # truncated / corrupt payloads fail here, not later
-    if rgb and pil.mode != 'RGB':
-      pil = pil.convert('RGB')  # grayscale, palette, CMYK; RGBA drops its alpha
-    array = np.asarray(pil)
-  return array if array.ndim == 3 else array[..., None]
+    """Encoded bytes (or an already decoded array) -> uint8 HWC; RGB when `rgb`."""
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        array = value if value.ndim == 3 else value[..., None]
+        if rgb and array.shape[-1] == 1:
+            array = np.repeat(array, 3, -1)
+        return array[..., :3] if rgb else array
+    with Image.open(io.BytesIO(bytes(value))) as pil:
+        pil.load()  # truncated / corrupt payloads fail here, not later
+        if rgb and pil.mode != 'RGB':
+            pil = pil.convert('RGB')  # grayscale, palette, CMYK; RGBA drops its alpha
+        array = np.asarray(pil)
+    return array if array.ndim == 3 else array[..., None]
 
 
 class _Decoder:
-  """Decodes, crops and flips one record; marks it corrupt instead of raising."""
+    """Decodes, crops and flips one record; marks it corrupt instead of raising."""
 
-  def __init__(self, cfg, features):
-    self.cfg = cfg
-    self.features = features
+    def __init__(self, cfg, features):
+        self.cfg = cfg
+        self.features = features
 
-  def _pad_sequence(self, key, value, plan):
-    n_max = self.cfg['max_objects']
-    spec = self.features[key].feature  # FeaturesDict inside tfds Sequence
-    out = {}
-    n = None
-    for sub, leaf in value.items():
-      shape = tuple(spec[sub].shape)
-      arr = np.asarray(leaf, spec[sub].np_dtype).reshape((-1,) + shape)
-      n = arr.shape[0] if n is None else n
-      out[sub] = arr
-    n = n or 0
-    mask = np.ones((n,), bool)
-    if 'bbox' in out and plan is not None:
-      out['bbox'], keep = preprocess.crop_boxes(out['bbox'], plan)
-      mask &= keep
-    padded = {}
-    for sub, arr in out.items():
-      arr = arr[:n_max]
-      if arr.dtype == np.int64:
-        arr = arr.astype(np.int32)
-      pad = np.zeros((n_max - arr.shape[0],) + arr.shape[1:], arr.dtype)
-      padded[sub] = np.concatenate([arr, pad])
-    padded['mask'] = np.concatenate([mask[:n_max], np.zeros(n_max - min(n, n_max), bool)])
-    return padded
+    def _pad_sequence(self, key, value, plan):
+        n_max = self.cfg['max_objects']
+        spec = self.features[key].feature  # FeaturesDict inside tfds Sequence
+        out = {}
+        n = None
+        for sub, leaf in value.items():
+            shape = tuple(spec[sub].shape)
+            arr = np.asarray(leaf, spec[sub].np_dtype).reshape((-1,) + shape)
+            n = arr.shape[0] if n is None else n
+            out[sub] = arr
+        n = n or 0
+        mask = np.ones((n,), bool)
+        if 'bbox' in out and plan is not None:
+            out['bbox'], keep = preprocess.crop_boxes(out['bbox'], plan)
+            mask &= keep
+        padded = {}
+        for sub, arr in out.items():
+            arr = arr[:n_max]
+            if arr.dtype == np.int64:
+                arr = arr.astype(np.int32)
+            pad = np.zeros((n_max - arr.shape[0],) + arr.shape[1:], arr.dtype)
+            padded[sub] = np.concatenate([arr, pad])
+        padded['mask'] = np.concatenate([mask[:n_max], np.zeros(n_max - min(n, n_max), bool)])
+        return padded
 
-  def __call__(self, record: dict, rng: np.random.Generator) -> dict:
-    cfg = self.cfg
-    # Draw both numbers every time so the random stream does not depend on settings.
-    crop_rng = np.random.default_rng(rng.integers(2**63))
-    flip = bool(rng.random() < 0.5) and cfg['random_flip']
-    try:
-      image = _decode_image(record[cfg['image_key']], rgb=True)
-      plan = None
-      if cfg['resolution'] is not None:
-        plan = preprocess.plan_crop(image.shape[0], image.shape[1], int(cfg['resolution']),
-                                    crop_rng if cfg['random_crop'] else None, flip)
-        image = preprocess.apply_crop(image, plan, cfg['resize_method'])
-      elif flip:
-        plan = preprocess.CropPlan(*image.shape[:2], 0, 0, image.shape[0], True)
-        image = image[:, ::-1]
-      out = {'image': preprocess.to_float(image)}
-      for key in cfg['keys']:
-        feature, value = self.features[key], record[key]
-        if _is_image_feature(feature):
-          label_map = _decode_image(value, rgb=False)
-          out[key] = (preprocess.apply_crop(label_map, plan, 'nearest') if plan is not None
-                      else label_map)
-        elif _is_text_feature(feature):
-          out[key] = value.decode('utf-8') if isinstance(value, bytes) else str(value)
-        elif isinstance(value, dict):
-          out[key] = self._pad_sequence(key, value, plan)
-        else:
-          arr = np.asarray(value)
-          out[key] = arr.astype(np.int32) if arr.dtype == np.int64 else arr
-      return out
-    except Exception as e:  # pylint: disable=broad-except
-      return {_CORRUPT: f'{type(e).__name__}: {e}'}
+    def __call__(self, record: dict, rng: np.random.Generator) -> dict:
+        cfg = self.cfg
+        # Draw both numbers every time so the random stream does not depend on settings.
+        crop_rng = np.random.default_rng(rng.integers(2**63))
+        flip = bool(rng.random() < 0.5) and cfg['random_flip']
+        try:
+            image = _decode_image(record[cfg['image_key']], rgb=True)
+            plan = None
+            if cfg['resolution'] is not None:
+                plan = preprocess.plan_crop(
+                    image.shape[0],
+                    image.shape[1],
+                    int(cfg['resolution']),
+                    crop_rng if cfg['random_crop'] else None,
+                    flip,
+                )
+                image = preprocess.apply_crop(image, plan, cfg['resize_method'])
+            elif flip:
+                plan = preprocess.CropPlan(*image.shape[:2], 0, 0, image.shape[0], True)
+                image = image[:, ::-1]
+            out = {'image': preprocess.to_float(image)}
+            for key in cfg['keys']:
+                feature, value = self.features[key], record[key]
+                if _is_image_feature(feature):
+                    label_map = _decode_image(value, rgb=False)
+                    out[key] = (
+                        preprocess.apply_crop(label_map, plan, 'nearest') if plan is not None else label_map
+                    )
+                elif _is_text_feature(feature):
+                    out[key] = value.decode('utf-8') if isinstance(value, bytes) else str(value)
+                elif isinstance(value, dict):
+                    out[key] = self._pad_sequence(key, value, plan)
+                else:
+                    arr = np.asarray(value)
+                    out[key] = arr.astype(np.int32) if arr.dtype == np.int64 else arr
+            return out
+        except Exception as e:  # pylint: disable=broad-except
+            return {_CORRUPT: f'{type(e).__name__}: {e}'}
 
 
 def _skip_corrupt(transform):
-  """Runs a user transform only on good records."""
-  if hasattr(transform, 'random_map'):
-    return (lambda x, rng: x if _CORRUPT in x else transform.random_map(x, rng)), True
-  fn = transform.map if hasattr(transform, 'map') else transform
-  return (lambda x: x if _CORRUPT in x else fn(x)), False
+    """Runs a user transform only on good records."""
+    if hasattr(transform, 'random_map'):
+        return (lambda x, rng: x if _CORRUPT in x else transform.random_map(x, rng)), True
+    fn = transform.map if hasattr(transform, 'map') else transform
+    return (lambda x: x if _CORRUPT in x else fn(x)), False
 
 
 class _DropCorruptDataset(grain.IterDataset):
 
-  def __init__(self, parent, name: str):
-    super().__init__(parent)
-    self._name = name
+    def __init__(self, parent, name: str):
+        super().__init__(parent)
+        self._name = name
 
-  def __iter__(self):
-    return _DropCorruptIterator(self._parent.__iter__(), self._name)
+    def __iter__(self):
+        return _DropCorruptIterator(self._parent.__iter__(), self._name)
 
 
 class _DropCorruptIterator(grain.DatasetIterator):
-  """Drops records marked corrupt; the running count is checkpointed with the state."""
+    """Drops records marked corrupt; the running count is checkpointed with the state."""
 
-  def __init__(self, parent, name: str):
-    super().__init__(parent)
-    self._name = name
-    self._skipped = 0
-    self._warned = False
+    def __init__(self, parent, name: str):
+        super().__init__(parent)
+        self._name = name
+        self._skipped = 0
+        self._warned = False
 
-  def __next__(self):
-    while True:
-      element = next(self._parent)
-      if _CORRUPT not in element:
-        element[_SKIPPED] = np.int64(self._skipped)
-        return element
-      self._skipped += 1
-      if not self._warned:
-        self._warned = True
-        logging.warning('Skipping corrupt record(s) in dataset %s (first: %s); the count is '
-                        "the loader iterator's `skipped` attribute.", self._name,
-                        element[_CORRUPT])
+    def __next__(self):
+        while True:
+            element = next(self._parent)
+            if _CORRUPT not in element:
+                element[_SKIPPED] = np.int64(self._skipped)
+                return element
+            self._skipped += 1
+            if not self._warned:
+                self._warned = True
+                logging.warning(
+                    'Skipping corrupt record(s) in dataset %s (first: %s); the count is '
+                    "the loader iterator's `skipped` attribute.",
+                    self._name,
+                    element[_CORRUPT],
+                )
 
-  def get_state(self):
-    return {'parent': self._parent.get_state(), 'skipped': self._skipped}
+    def get_state(self):
+        return {'parent': self._parent.get_state(), 'skipped': self._skipped}
 
-  def set_state(self, state):
-    self._parent.set_state(state['parent'])
-    self._skipped = int(state['skipped'])
+    def set_state(self, state):
+        self._parent.set_state(state['parent'])
+        self._skipped = int(state['skipped'])
 
 
 class _HostSlice(grain.MapDataset):
-  """This process's part of each global batch: elements [p*L, (p+1)*L) of every batch of B.
+    """This process's part of each global batch: elements [p*L, (p+1)*L) of every batch of B.
 
-  Only whole global batches are kept; a final partial batch is dropped.
-  """
+    Only whole global batches are kept; a final partial batch is dropped.
+    """
 
-  def __init__(self, parent, global_batch: int, process_index: int, process_count: int):
-    super().__init__(parent)
-    self._global = global_batch
-    self._local = global_batch // process_count
-    self._offset = process_index * self._local
+    def __init__(self, parent, global_batch: int, process_index: int, process_count: int):
+        super().__init__(parent)
+        self._global = global_batch
+        self._local = global_batch // process_count
+        self._offset = process_index * self._local
 
-  def __len__(self):
-    return (len(self._parent) // self._global) * self._local
+    def __len__(self):
+        return (len(self._parent) // self._global) * self._local
 
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return self.slice(index)
-    step, i = divmod(index, self._local)
-    return self._parent[step * self._global + self._offset + i]
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        step, i = divmod(index, self._local)
+        return self._parent[step * self._global + self._offset + i]
 
 
 def _collate(elements: Sequence[Any]):
-  first = elements[0]
-  if isinstance(first, dict):
-    return {k: _collate([e[k] for e in elements]) for k in first}
-  if isinstance(first, str):
-    return np.array(list(elements), dtype=object)
-  return np.stack([np.asarray(e) for e in elements])
+    first = elements[0]
+    if isinstance(first, dict):
+        return {k: _collate([e[k] for e in elements]) for k in first}
+    if isinstance(first, str):
+        return np.array(list(elements), dtype=object)
+    return np.stack([np.asarray(e) for e in elements])
 
 
 class LoaderIterator(grain.DatasetIterator):
-  """Host-local batch iterator; `skipped` counts corrupt records dropped so far."""
+    """Host-local batch iterator; `skipped` counts corrupt records dropped so far."""
 
-  def __init__(self, parent: grain.DatasetIterator):
-    super().__init__(parent)
-    self.skipped = 0
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self.skipped = 0
 
-  def __next__(self) -> dict:
-    batch = next(self._parent)
-    self.skipped = int(batch.pop(_SKIPPED)[-1])
-    return batch
+    def __next__(self) -> dict:
+        batch = next(self._parent)
+        self.skipped = int(batch.pop(_SKIPPED)[-1])
+        return batch
 
-  def get_state(self):
-    return {'pipeline': self._parent.get_state(), 'skipped': self.skipped}
+    def get_state(self):
+        return {'pipeline': self._parent.get_state(), 'skipped': self.skipped}
 
-  def set_state(self, state):
-    self._parent.set_state(state['pipeline'])
-    self.skipped = int(state['skipped'])
+    def set_state(self, state):
+        self._parent.set_state(state['pipeline'])
+        self.skipped = int(state['skipped'])
 
 
-def make_dataset(data_cfg, split: str, *, global_batch_size: int, seed: int,
-                 shuffle: bool = True, num_epochs: int | None = None,
-                 extra_transforms: Sequence[Callable | Any] = (),
-                 process_index: int | None = None,
-                 process_count: int | None = None) -> LoaderIterator:
-  """Returns a checkpointable iterator of host-local batches (see the module docstring).
+def make_dataset(
+    data_cfg,
+    split: str,
+    *,
+    global_batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    extra_transforms: Sequence[Callable | Any] = (),
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> LoaderIterator:
+    """Returns a checkpointable iterator of host-local batches (see the module docstring).
 
-  process_index / process_count default to JAX's; pass them to simulate other hosts.
-  extra_transforms run per example after decoding, on float images in [-1, 1]: grain
-  Map / RandomMap transforms, or plain callables element -> element.
-  """
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index, process_count = jax.process_index(), jax.process_count()
-  if global_batch_size % process_count:
-    raise ValueError(f'global_batch_size {global_batch_size} must be divisible by the '
-                     f'number of processes {process_count}')
-  local_batch = global_batch_size // process_count
-  cfg = _settings(data_cfg)
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = _open_builder(cfg)
-  features = builder.info.features
-  wanted = (cfg['image_key'],) + cfg['keys']
-  missing = [k for k in wanted if k not in features]
-  if missing:
-    raise KeyError(f"dataset '{builder.name}' has no feature(s) {missing}; its features are "
-                   f'{sorted(features.keys())} (set data.image_key / data.keys accordingly)')
-  if split not in builder.info.splits and split.split('[')[0] not in builder.info.splits:
-    raise ValueError(f"dataset '{builder.name}' has no split '{split}'; it has "
-                     f'{sorted(builder.info.splits.keys())}')
-  decoders = {k: tfds.decode.SkipDecoding() for k in wanted if _is_image_feature(features[k])}
-  try:
-    source = builder.as_data_source(split, decoders=decoders)
-  except NotImplementedError as e:
-    raise ValueError(
-        f"dataset '{builder.name}' in '{builder.data_dir}' is not stored in a random-access "
-        'format; re-prepare it with `--file_format=array_record` (or convert it with '
-        '`tfds convert_format --out_file_format=array_record`).') from e
+    process_index / process_count default to JAX's; pass them to simulate other hosts.
+    extra_transforms run per example after decoding, on float images in [-1, 1]: grain
+    Map / RandomMap transforms, or plain callables element -> element.
+    """
+    if process_index is None or process_count is None:
+        import jax  # pylint: disable=g-import-not-at-top
 
-  ds = grain.MapDataset.source(source)
-  if len(ds) < global_batch_size and (cfg['drop_remainder'] or process_count > 1):
-    raise ValueError(f"split '{split}' of '{builder.name}' has {len(source)} examples, fewer "
-                     f'than one global batch of {global_batch_size}')
-  # Shuffle, repeat and decode in one global order, then give each process its contiguous
-  # slice of every global batch: the global batch, and so training, does not depend on the
-  # number of processes. Per-example randomness is keyed by the global index.
-  ds = ds.seed(seed)
-  if shuffle:
-    ds = ds.shuffle()
-  ds = ds.repeat(num_epochs)
-  ds = ds.random_map(_Decoder(cfg, features))
-  if process_count > 1:
-    ds = _HostSlice(ds, global_batch_size, process_index, process_count)
-  for transform in extra_transforms:
-    fn, is_random = _skip_corrupt(transform)
-    ds = ds.random_map(fn) if is_random else ds.map(fn)
-  read = grain.ReadOptions(num_threads=int(cfg['num_threads']),
-                           prefetch_buffer_size=int(cfg['prefetch_buffer_size']))
-  it_ds = _DropCorruptDataset(ds.to_iter_dataset(read), builder.name)
-  it_ds = it_ds.batch(local_batch, drop_remainder=bool(cfg['drop_remainder']),
-                      batch_fn=_collate)
-  return LoaderIterator(iter(it_ds))
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if global_batch_size % process_count:
+        raise ValueError(
+            f'global_batch_size {global_batch_size} must be divisible by the '
+            f'number of processes {process_count}'
+        )
+    local_batch = global_batch_size // process_count
+    cfg = _settings(data_cfg)
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    builder = _open_builder(cfg)
+    features = builder.info.features
+    wanted = (cfg['image_key'],) + cfg['keys']
+    missing = [k for k in wanted if k not in features]
+    if missing:
+        raise KeyError(
+            f"dataset '{builder.name}' has no feature(s) {missing}; its features are "
+            f'{sorted(features.keys())} (set data.image_key / data.keys accordingly)'
+        )
+    if split not in builder.info.splits and split.split('[')[0] not in builder.info.splits:
+        raise ValueError(
+            f"dataset '{builder.name}' has no split '{split}'; it has "
+            f'{sorted(builder.info.splits.keys())}'
+        )
+    decoders = {k: tfds.decode.SkipDecoding() for k in wanted if _is_image_feature(features[k])}
+    try:
+        source = builder.as_data_source(split, decoders=decoders)
+    except NotImplementedError as e:
+        raise ValueError(
+            f"dataset '{builder.name}' in '{builder.data_dir}' is not stored in a random-access "
+            'format; re-prepare it with `--file_format=array_record` (or convert it with '
+            '`tfds convert_format --out_file_format=array_record`).'
+        ) from e
+
+    ds = grain.MapDataset.source(source)
+    if len(ds) < global_batch_size and (cfg['drop_remainder'] or process_count > 1):
+        raise ValueError(
+            f"split '{split}' of '{builder.name}' has {len(source)} examples, fewer "
+            f'than one global batch of {global_batch_size}'
+        )
+    # Shuffle, repeat and decode in one global order, then give each process its contiguous
+    # slice of every global batch: the global batch, and so training, does not depend on the
+    # number of processes. Per-example randomness is keyed by the global index.
+    ds = ds.seed(seed)
+    if shuffle:
+        ds = ds.shuffle()
+    ds = ds.repeat(num_epochs)
+    ds = ds.random_map(_Decoder(cfg, features))
+    if process_count > 1:
+        ds = _HostSlice(ds, global_batch_size, process_index, process_count)
+    for transform in extra_transforms:
+        fn, is_random = _skip_corrupt(transform)
+        ds = ds.random_map(fn) if is_random else ds.map(fn)
+    read = grain.ReadOptions(
+        num_threads=int(cfg['num_threads']), prefetch_buffer_size=int(cfg['prefetch_buffer_size'])
+    )
+    it_ds = _DropCorruptDataset(ds.to_iter_dataset(read), builder.name)
+    it_ds = it_ds.batch(local_batch, drop_remainder=bool(cfg['drop_remainder']), batch_fn=_collate)
+    return LoaderIterator(iter(it_ds))
