@@ -5,8 +5,13 @@ import numpy as np
 from configs import autoencoder_kl, autoencoder_vq
 
 
-def tiny_ae_config(data_dir: str, kind: str = "kl", steps: int = 4):
-    """A very small autoencoder run on 32x32 shapes, with the GAN switched on from step 2."""
+def tiny_ae_config(data_dir: str, kind: str = "kl", steps: int = 4, sgd: bool = False):
+    """A very small autoencoder run on 32x32 shapes, with the GAN switched on from step 2.
+
+    `sgd`: plain SGD instead of Adam, for comparing runs whose reductions differ in order: Adam's
+    first steps move every parameter by about lr * sign(grad), which turns rounding-level
+    differences in near-zero gradients into lr-sized ones.
+    """
     c = (autoencoder_kl if kind == "kl" else autoencoder_vq).get_config("tiny")
     c.model.ch, c.model.ch_mult, c.model.num_groups, c.model.resolution = 16, (1, 2), 4, 32
     if kind == "vq":
@@ -17,6 +22,9 @@ def tiny_ae_config(data_dir: str, kind: str = "kl", steps: int = 4):
     c.num_train_steps, c.log_every, c.eval_every = steps, 2, steps
     c.checkpoint.every, c.checkpoint.async_save = 2, False
     c.ema.enabled = True
+    if sgd:
+        c.optim.name, c.optim.lr, c.optim.grad_clip_norm = "sgd", 1e-5, 0.0
+        c.disc_optim.name, c.disc_optim.lr = "sgd", 1e-2
     return c
 
 

@@ -21,7 +21,7 @@ def main():
     from latent_diffusion.training.loop import train_and_evaluate
     from tests.training.helpers import tiny_ae_config
 
-    cfg = tiny_ae_config(spec["data_dir"], steps=spec["steps"])
+    cfg = tiny_ae_config(spec["data_dir"], steps=spec["steps"], sgd=spec.get("sgd", False))
     cfg.checkpoint.every = spec.get("checkpoint_every", 2)
     run = train_and_evaluate(cfg, spec["workdir"])
     params = multihost_utils.process_allgather(run.state.params, tiled=True)
