@@ -95,8 +95,3 @@ def sample_timesteps(rng, batch: int, num_timesteps: int = 1000):
     """Training timesteps, uniform over [0, T), int32 of shape (batch,)."""
     return jax.random.randint(rng, (batch,), 0, num_timesteps, dtype=jnp.int32)
 
-
-def ema_decay(step, max_decay: float = 0.9999):
-    """CompVis LitEma warm-up: min(max_decay, (1 + n) / (10 + n)) at update number n."""
-    n = jnp.asarray(step, jnp.float32)
-    return jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))
