@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from latent_diffusion.sampling.requests import WorkItem
+from latent_diffusion.sampling.requests import INPUT_FIELDS, WorkItem
 
 JOB_FILE = "job.json"
 MANIFEST = "manifest.jsonl"
@@ -86,7 +86,11 @@ def canonical_spec(job_spec: dict) -> dict:
 def items_digest(items: Sequence[WorkItem]) -> str:
     h = hashlib.sha256()
     for item in items:
-        h.update(json.dumps(dataclasses.asdict(item), sort_keys=True).encode())
+        fields = dataclasses.asdict(item)
+        for key in INPUT_FIELDS:  # added later: left out while unset, so older jobs keep their digest
+            if fields[key] is None:
+                del fields[key]
+        h.update(json.dumps(fields, sort_keys=True).encode())
         h.update(b"\n")
     return h.hexdigest()
 
@@ -155,10 +159,19 @@ def claim_outdir(outdir: str, record: dict, force: bool) -> None:
 def manifest_entry(item: WorkItem, job_spec: dict, digits: int) -> dict:
     """The manifest line of `item`: what was asked for, with the job's defaults filled in."""
     entry = {"index": item.index}
+    if job_spec.get("mode") is not None:
+        entry["mode"] = job_spec["mode"]
     if item.prompt is not None:
         entry["prompt"] = item.prompt
     if item.label is not None:
         entry["label"] = item.label
+    for key in ("image", "mask", "segmentation"):
+        if getattr(item, key) is not None:
+            entry[key] = getattr(item, key)
+    if item.layout is not None:
+        entry["layout"] = [{"label": label, "bbox": list(box)} for label, box in item.layout]
+    if item.strength is not None or job_spec.get("strength") is not None:
+        entry["strength"] = item.strength if item.strength is not None else job_spec["strength"]
     entry.update(
         seed=item.seed, sampler=job_spec.get("sampler"),
         steps=item.steps if item.steps is not None else job_spec.get("steps"),

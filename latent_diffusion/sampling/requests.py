@@ -5,7 +5,10 @@ Every item gets a global index (its position in the job) and a seed; its noise k
 never on device count, batch size or restarts.
 
 Prompts files: plain text holds one prompt per line; JSONL (a `.jsonl` file, or any file whose
-first non-blank line starts with '{') holds one object per line with the fields of `JSON_FIELDS`.
+first non-blank line starts with '{') holds one object per line with the fields of `JSON_FIELDS`:
+the text / class conditions, per-request sampling options, and the inputs of the image modes
+("image", "mask", "segmentation": paths, relative to the JSONL file's folder; "layout": a list of
+{"label": int, "bbox": [ymin, xmin, ymax, xmax]} in [0, 1]; "strength": img2img, in [0, 1]).
 Blank lines are skipped with one warning that counts them and names their line numbers, because
 trailing and separating blank lines are common and harmless; everything else that is wrong is an
 error naming the line.
@@ -24,7 +27,9 @@ import jax
 GUIDANCE_RANGE = (0.0, 50.0)
 STEPS_RANGE = (1, 1000)
 SEED_LIMIT = 2 ** 32  # seeds are uint32 so that a seed means the same key on every platform
-JSON_FIELDS = ("prompt", "negative_prompt", "label", "seed", "guidance", "steps")
+JSON_FIELDS = ("prompt", "negative_prompt", "label", "seed", "guidance", "steps", "image", "mask", "strength",
+               "layout", "segmentation")
+INPUT_FIELDS = ("image", "mask", "strength", "layout", "segmentation")  # WorkItem fields of the image modes
 
 
 class RequestError(ValueError):
@@ -41,6 +46,11 @@ class WorkItem:
     label: int | None = None
     guidance: float | None = None
     steps: int | None = None
+    image: str | None = None          # init image (img2img), image to inpaint, or low-res input (SR)
+    mask: str | None = None           # PNG, white = region to fill
+    strength: float | None = None     # img2img
+    layout: tuple | None = None       # ((label, (ymin, xmin, ymax, xmax)), ...)
+    segmentation: str | None = None   # PNG class map
 
 
 def sample_key(seed: int, index: int) -> jax.Array:
@@ -95,7 +105,46 @@ def _number(items: Iterable[dict], seed: int, samples_per_item: int) -> list[Wor
     return out
 
 
-def _json_record(text: str, source: str, line: int, num_classes: int | None) -> dict:
+def check_strength(strength, where: str) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        raise RequestError(f"{where}: strength must be a number in [0, 1] (0 keeps the input image, 1 ignores "
+                           f"it), got {strength!r}")
+    return float(strength)
+
+
+def check_layout(layout, where: str) -> tuple:
+    """A JSON layout -> ((label, (ymin, xmin, ymax, xmax)), ...), boxes normalised to [0, 1]."""
+    example = '[{"label": 3, "bbox": [0.1, 0.2, 0.5, 0.6]}] (bbox = ymin, xmin, ymax, xmax in [0, 1])'
+    if not isinstance(layout, list):
+        raise RequestError(f"{where}: 'layout' must be a list of objects like {example}, got {layout!r}")
+    out = []
+    for j, obj in enumerate(layout):
+        if not isinstance(obj, dict) or set(obj) != {"label", "bbox"}:
+            raise RequestError(f"{where}: layout object {j} must have exactly 'label' and 'bbox', like {example}; "
+                               f"got {obj!r}")
+        label, box = obj["label"], obj["bbox"]
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+            raise RequestError(f"{where}: layout object {j}: label must be a non-negative integer, got {label!r}")
+        if (not isinstance(box, list) or len(box) != 4
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 for v in box)
+                or not (box[0] < box[2] and box[1] < box[3])):
+            raise RequestError(f"{where}: layout object {j}: bbox must be [ymin, xmin, ymax, xmax] in [0, 1] with "
+                               f"ymin < ymax and xmin < xmax, got {box!r}")
+        out.append((label, tuple(float(v) for v in box)))
+    return tuple(out)
+
+
+def _input_path(value, key: str, base_dir: str | None, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError(f"{where}: {key!r} must be the path of an image file, got {value!r}")
+    path = os.path.join(base_dir, value) if base_dir and not os.path.isabs(value) else value
+    if not os.path.isfile(path):
+        rel = " (relative paths are read from the JSONL file's folder)" if base_dir else ""
+        raise RequestError(f"{where}: {key} file {path!r} does not exist{rel}")
+    return os.path.normpath(path)
+
+
+def _json_record(text: str, source: str, line: int, num_classes: int | None, base_dir: str | None = None) -> dict:
     where = _where(source, line)
     try:
         rec = json.loads(text)
@@ -114,8 +163,16 @@ def _json_record(text: str, source: str, line: int, num_classes: int | None) -> 
         out["prompt"] = rec["prompt"].strip()
     if "label" in rec:
         out["label"] = check_label(rec["label"], num_classes, where)
-    if "prompt" not in out and "label" not in out:
-        raise RequestError(f"{where}: a record needs a 'prompt' or a 'label'")
+    for key in ("image", "mask", "segmentation"):
+        if rec.get(key) is not None:
+            out[key] = _input_path(rec[key], key, base_dir, where)
+    if rec.get("layout") is not None:
+        out["layout"] = check_layout(rec["layout"], where)
+    if not any(k in out for k in ("prompt", "label", "image", "layout", "segmentation")):
+        raise RequestError(f"{where}: a record needs a 'prompt' or a 'label' (or the 'image', 'layout' or "
+                           "'segmentation' input of an image mode)")
+    if "mask" in out and "image" not in out:
+        raise RequestError(f"{where}: a 'mask' needs the 'image' it belongs to")
     if rec.get("negative_prompt") is not None:
         if not isinstance(rec["negative_prompt"], str):
             raise RequestError(f"{where}: 'negative_prompt' must be a string, got {rec['negative_prompt']!r}")
@@ -126,6 +183,8 @@ def _json_record(text: str, source: str, line: int, num_classes: int | None) -> 
         out["guidance"] = check_guidance(rec["guidance"], where)
     if rec.get("steps") is not None:
         out["steps"] = check_steps(rec["steps"], where)
+    if rec.get("strength") is not None:
+        out["strength"] = check_strength(rec["strength"], where)
     return out
 
 
@@ -136,9 +195,12 @@ def _warn_blank(blank: list[int], source: str):
 
 
 def parse_prompt_lines(lines: Sequence[str], *, seed: int, num_classes: int | None = None,
-                       jsonl: bool | None = None, samples_per_item: int = 1,
-                       source: str = "prompts") -> list[WorkItem]:
-    """Work items from the lines of a prompts file; `jsonl=None` detects the format."""
+                       jsonl: bool | None = None, samples_per_item: int = 1, source: str = "prompts",
+                       base_dir: str | None = None) -> list[WorkItem]:
+    """Work items from the lines of a prompts file; `jsonl=None` detects the format.
+
+    Relative input paths of JSONL records are read from `base_dir` (default: the working directory).
+    """
     lines = [ln.rstrip("\r\n") for ln in lines]
     if jsonl is None:
         first = next((ln for ln in lines if ln.strip()), "")
@@ -148,7 +210,7 @@ def parse_prompt_lines(lines: Sequence[str], *, seed: int, num_classes: int | No
         if not text.strip():
             blank.append(number)
         elif jsonl:
-            records.append(_json_record(text, source, number, num_classes))
+            records.append(_json_record(text, source, number, num_classes, base_dir))
         else:
             records.append({"prompt": text.strip()})
     _warn_blank(blank, source)
@@ -168,7 +230,7 @@ def parse_prompts_file(path: str, *, seed: int, num_classes: int | None = None,
         lines = f.readlines()
     jsonl = True if path.endswith(".jsonl") else None
     return parse_prompt_lines(lines, seed=seed, num_classes=num_classes, jsonl=jsonl,
-                              samples_per_item=samples_per_item, source=path)
+                              samples_per_item=samples_per_item, source=path, base_dir=os.path.dirname(path))
 
 
 def parse_classes(spec: str, *, seed: int, num_classes: int | None,

@@ -323,11 +323,13 @@ class LDMTask:
             out["y"] = jnp.full((b,), int(self.config.unet.num_classes), jnp.int32)
         return out
 
-    def run_sampler(self, model_fn, x_T, *, sampler="ddim", steps=50, eta=0.0, ddim_noise=None):
+    def run_sampler(self, model_fn, x_T, *, sampler="ddim", steps=50, eta=0.0, ddim_noise=None, start_step=0,
+                    blend_fn=None):
+        """The final latent; `start_step` / `blend_fn` (image-to-image, inpainting) as in diffusion/samplers.py."""
         from latent_diffusion.diffusion import samplers
         if sampler not in samplers.SAMPLERS:
             raise ValueError(f"sampler must be one of {sorted(samplers.SAMPLERS)}, got {sampler!r}")
-        kw = dict(prediction_type=self.prediction_type)
+        kw = dict(prediction_type=self.prediction_type, start_step=start_step, blend_fn=blend_fn)
         if sampler == "ddim":
             kw.update(eta=eta, noise=ddim_noise)
         return samplers.SAMPLERS[sampler](model_fn, self.schedule, x_T, steps, **kw)

@@ -109,3 +109,40 @@ def test_unconditional_count_and_source_errors(tmp_path):
         build_requests(prompts="p.txt", classes="1", seed=1)
     with pytest.raises(RequestError, match="job seed: seed must be"):
         build_requests(num_samples=1, seed=2 ** 32)
+
+
+def test_jsonl_inputs_of_the_image_modes(tmp_path):
+    (tmp_path / "in").mkdir()
+    for name in ("in/photo.png", "in/hole.png", "seg.png"):
+        (tmp_path / name).write_bytes(b"")  # existence is checked here; decoding when sampling
+    lines = [{"prompt": "cat", "image": "in/photo.png", "mask": "in/hole.png"},
+             {"image": "in/photo.png", "strength": 0.25},
+             {"layout": [{"label": 3, "bbox": [0.1, 0.2, 0.5, 0.6]}, {"label": 0, "bbox": [0, 0, 1, 1]}]},
+             {"segmentation": str(tmp_path / "seg.png"), "layout": []}]
+    path = write(tmp_path, "p.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n")
+    items = build_requests(prompts=path, seed=1)
+    photo, hole = str(tmp_path / "in" / "photo.png"), str(tmp_path / "in" / "hole.png")
+    assert items[0] == WorkItem(0, 1, prompt="cat", image=photo, mask=hole)
+    assert items[1] == WorkItem(1, 1, image=photo, strength=0.25)
+    assert items[2] == WorkItem(2, 1, layout=((3, (0.1, 0.2, 0.5, 0.6)), (0, (0.0, 0.0, 1.0, 1.0))))
+    assert items[3] == WorkItem(3, 1, segmentation=str(tmp_path / "seg.png"), layout=())
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"image": "nope.png"}, r"line 2: image file .*nope.png' does not exist \(relative paths are read from the "
+                            r"JSONL file's folder\)"),
+    ({"prompt": "x", "mask": "ok.png"}, r"line 2: a 'mask' needs the 'image' it belongs to"),
+    ({"image": 3}, r"line 2: 'image' must be the path of an image file"),
+    ({"image": "ok.png", "strength": 1.5}, r"line 2: strength must be a number in \[0, 1\]"),
+    ({"layout": {"label": 1}}, r"line 2: 'layout' must be a list of objects"),
+    ({"layout": [{"label": 1}]}, r"line 2: layout object 0 must have exactly 'label' and 'bbox'"),
+    ({"layout": [{"label": -1, "bbox": [0, 0, 1, 1]}]}, r"layout object 0: label must be a non-negative"),
+    ({"layout": [{"label": 1, "bbox": [0.5, 0, 0.2, 1]}]}, r"layout object 0: bbox must be \[ymin, xmin"),
+    ({"layout": [{"label": 1, "bbox": [0, 0, 1.2, 1]}]}, r"layout object 0: bbox must be"),
+    ({"strength": 0.5}, r"line 2: a record needs a 'prompt' or a 'label'"),
+])
+def test_jsonl_input_errors_name_the_line(tmp_path, record, message):
+    (tmp_path / "ok.png").write_bytes(b"")
+    path = write(tmp_path, "p.jsonl", json.dumps({"prompt": "ok"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(RequestError, match=message):
+        build_requests(prompts=path, seed=0)
