@@ -1,9 +1,10 @@
 """CPU benchmark of the UNet: jitted train step (forward, backward, AdamW) and forward, one JSON line.
 
-Usage: python bench/bench_unet.py [--steps 5] [--threads 2] [--small] [--peer]
-The model is /work/shared/bench/cpu_bench_unet.json (a diffusers config) mapped through the
+Usage: python bench/bench_unet.py [--steps 5] [--threads 2] [--small] [--peer] [--shared DIR]
+The model is <shared>/cpu_bench_unet.json (a diffusers config) mapped through the
 converter's config mapping; batch 8, latent 32x32x4, context 77x512, float32. `--peer` also
 runs the PyTorch peer script in the same invocation, so the two figures are comparable.
+<shared> is the shared/bench folder beside the repository (<repo>/../shared/bench) unless --shared says otherwise.
 """
 from __future__ import annotations
 
@@ -14,12 +15,22 @@ import subprocess
 import sys
 import time
 
-SHARED = "/work/shared/bench"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_SHARED = os.path.normpath(os.path.join(REPO, "..", "shared", "bench"))
+
+
+def shared_dir(path: str) -> str:
+    """The benchmark reference folder (the benchmark UNet config and the PyTorch peer scripts)."""
+    if not os.path.isfile(os.path.join(path, "cpu_bench_unet.json")):
+        raise SystemExit(f"no cpu_bench_unet.json in {path}: expected the shared/bench folder beside the "
+                         "repository; pass --shared /path/to/shared/bench")
+    return path
 
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.path.join(SHARED, "cpu_bench_unet.json"))
+    p.add_argument("--shared", default=DEFAULT_SHARED, help="the shared/bench folder (default: %(default)s)")
+    p.add_argument("--config", default=None, help="a diffusers UNet config (default: <shared>/cpu_bench_unet.json)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
@@ -48,6 +59,9 @@ def median_time(f, n: int, warmup: int = 2) -> float:
 
 def main():
     a = parse()
+    if a.config is None or a.peer:
+        a.shared = shared_dir(a.shared)
+    a.config = a.config or os.path.join(a.shared, "cpu_bench_unet.json")
     if a.small and a.peer:
         raise SystemExit("--peer measures the full benchmark model; run it without --small")
     limit_threads(a.threads)
@@ -56,7 +70,7 @@ def main():
     import jax.numpy as jnp
     import optax
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, REPO)
     from latent_diffusion.convert.unet import unet_config_from_diffusers
     from latent_diffusion.models.unet import UNet
 
@@ -105,7 +119,7 @@ def main():
         jax=jax.__version__, threads=a.threads, small=a.small)), flush=True)
 
     if a.peer:
-        cmd = [sys.executable, os.path.join(SHARED, "peer_torch_unet.py"), "--steps", str(a.steps),
+        cmd = [sys.executable, os.path.join(a.shared, "peer_torch_unet.py"), "--steps", str(a.steps),
                "--threads", str(a.threads), "--batch", str(b)]
         subprocess.run(cmd, check=True)
 
