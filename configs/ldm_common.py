@@ -43,6 +43,7 @@ def conditioning(crossattn="none", concat="none", class_label=False):
         lowres_factor=4, segmentation_classes=31,
         text=ml_collections.ConfigDict(dict(
             encoder="bert", tokenizer="builtin:shapes", max_length=77, checkpoint="", penultimate=False,
+            vocab_size=0,           # 0: the tokenizer's; set it to describe a model without its tokenizer
             model=ml_collections.ConfigDict(dict(width=1280, depth=32, heads=8, head_dim=64)))),
         layout=ml_collections.ConfigDict(dict(
             num_classes=30, bins=64, max_objects=4,
@@ -84,3 +85,35 @@ def tiny_unet(in_channels, out_channels, **kw):
                 num_head_channels=16)
     args.update(kw)
     return unet(in_channels=in_channels, out_channels=out_channels, **args)
+
+
+# --- helpers for the per-task configs (configs/ldm_*.py, sd_v*.py) ---------------------------
+
+def attention_factors(latent_size: int, resolutions) -> tuple:
+    """The paper's attention resolutions (pixels of the latent grid) as the UNet's downsample factors."""
+    out = []
+    for r in resolutions:
+        if latent_size % r:
+            raise ValueError(f"attention resolution {r} does not divide the latent size {latent_size}")
+        out.append(latent_size // r)
+    return tuple(sorted(out))
+
+
+def compvis_diffusion(beta_end=0.0195, prediction_type="eps"):
+    """The CompVis 'linear' schedule (sqrt-linear = our 'scaled_linear') from 0.0015, as the LDM configs use."""
+    return diffusion(schedule="scaled_linear", beta_start=0.0015, beta_end=beta_end,
+                     prediction_type=prediction_type)
+
+
+def tiny_task(kind: str, keys=(), *, lr=2e-4, num_train_steps=3000, batch_size=16):
+    """A shapes-sized LDM run: 64x64 shapes, the tiny stage-1 run of `kind` ('kl' or 'vq') as first stage.
+
+    The first stage is f=4 (16x16 latents) whatever f the full config uses: train it with
+    configs/autoencoder_kl.py:tiny (runs/ae_kl_tiny) or configs/autoencoder_vq.py:tiny (runs/ae_vq_tiny).
+    """
+    c = base(lr=lr, batch_size=batch_size, num_train_steps=num_train_steps, tiny=True)
+    c.first_stage = first_stage(kind, 4, tiny=True, workdir=f"runs/ae_{kind}_tiny")
+    c.data.resolution = 64
+    c.data.keys = tuple(keys)
+    c.conditioning = conditioning()
+    return c

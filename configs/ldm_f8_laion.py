@@ -30,5 +30,6 @@ def get_config(arg=None):
                              transformer_depth=1, context_dim=1280, legacy=False, remat=True)
     c.conditioning = ldm_common.conditioning(crossattn="text")
     c.conditioning.text.tokenizer = "bert:bert-base-uncased"
+    c.conditioning.text.vocab_size = 30522
     c.conditioning.text.model.update(width=1280, depth=32, heads=8, head_dim=64)
     return c

@@ -53,9 +53,19 @@ def _describe(module, kind, params, scale) -> FirstStage:
                       latent_channels=int(module.embed_dim))
 
 
-def load(cfg, mesh) -> FirstStage:
-    """The frozen first stage described by config.first_stage, params replicated on the mesh."""
+def load(cfg, mesh, abstract: bool = False) -> FirstStage:
+    """The frozen first stage described by config.first_stage, params replicated on the mesh.
+
+    `abstract`: shapes only (from config.first_stage.model), nothing read or allocated; for
+    describing a model with jax.eval_shape.
+    """
     repl = lambda tree: jax.tree.map(lambda _: partitioning.replicated(mesh), tree)
+    if abstract:
+        module = build.autoencoder(cfg.model)
+        res = 8 * 2 ** (len(module.ch_mult) - 1)
+        params = jax.eval_shape(lambda r: module.init({"params": r, "sample": r}, jnp.zeros((1, res, res, 3))),
+                                jax.random.key(0))["params"]
+        return _describe(module, cfg.model.kind, params, cfg.scale_factor or 1.0)
     if cfg.workdir:
         state, meta = checkpointing.restore_state_tree(cfg.workdir, repl)
         if meta.get("stage") != "autoencoder":

@@ -56,13 +56,14 @@ class HostConditions:
 
 
 class LDMTask:
-    def __init__(self, config, mesh, workdir: str):
+    def __init__(self, config, mesh, workdir: str, abstract: bool = False):
+        """`abstract`: the first stage (and a frozen CLIP) as shapes only, for describing the model."""
         self.config = config
         c = config.conditioning
         if c.crossattn not in CROSSATTN or c.concat not in CONCAT:
             raise ValueError(f"conditioning.crossattn must be one of {CROSSATTN} and conditioning.concat one "
                              f"of {CONCAT}; got {c.crossattn!r} / {c.concat!r}")
-        self.first_stage = first_stage_lib.load(config.first_stage, mesh)
+        self.first_stage = first_stage_lib.load(config.first_stage, mesh, abstract=abstract)
         self.unet = build.unet(config.unet)
         d = config.diffusion
         self.schedule = schedules.make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
@@ -72,12 +73,19 @@ class LDMTask:
         text_kwargs = None
         if c.crossattn == "text":
             from latent_diffusion.data.tokenizers import make_tokenizer
-            self.tokenizer = make_tokenizer(c.text.tokenizer, int(c.text.max_length))
+            vocab = int(c.text.get("vocab_size", 0))
+            if abstract and not vocab:
+                raise ValueError("describing a model without its tokenizer needs conditioning.text.vocab_size")
+            if not abstract:
+                self.tokenizer = make_tokenizer(c.text.tokenizer, int(c.text.max_length))
+                if vocab and vocab != self.tokenizer.vocab_size:
+                    raise ValueError(f"conditioning.text.vocab_size is {vocab} but the tokenizer "
+                                     f"{c.text.tokenizer!r} has {self.tokenizer.vocab_size} tokens")
+                vocab = self.tokenizer.vocab_size
             if c.text.encoder == "bert":
-                text_kwargs = dict(c.text.model.to_dict(), vocab_size=self.tokenizer.vocab_size,
-                                   max_length=int(c.text.max_length))
+                text_kwargs = dict(c.text.model.to_dict(), vocab_size=vocab, max_length=int(c.text.max_length))
             elif c.text.encoder == "clip":
-                self._clip, self._clip_params = self._load_clip(c.text, mesh)
+                self._clip, self._clip_params = self._load_clip(c.text, mesh, abstract)
             else:
                 raise ValueError(f"conditioning.text.encoder must be 'bert' or 'clip', got {c.text.encoder!r}")
         layout_kwargs = None
@@ -95,8 +103,12 @@ class LDMTask:
 
     # --- set-up -----------------------------------------------------------------------------
     @staticmethod
-    def _load_clip(text_cfg, mesh):
+    def _load_clip(text_cfg, mesh, abstract=False):
         from latent_diffusion.training import partitioning
+        if abstract:
+            module = build.clip_text_encoder(text_cfg.model)
+            ids = jnp.zeros((1, module.max_length), jnp.int32)
+            return module, jax.eval_shape(lambda r: module.init(r, ids), jax.random.key(0))["params"]
         if not text_cfg.checkpoint:
             raise ValueError("a frozen CLIP text encoder needs weights: set conditioning.text.checkpoint to a "
                              "transformers CLIPTextModel folder (config.json + model.safetensors), or use "

@@ -13,7 +13,7 @@ def tiny_ldm_config(data_dir):
     c = ldm_f8_laion.get_config("tiny")
     c.first_stage.workdir, c.first_stage.random_init = "", True
     c.first_stage.model.ch, c.first_stage.model.ch_mult, c.first_stage.model.num_groups = 16, (1, 2), 4
-    c.unet.model_channels, c.unet.num_head_channels = 16, 8
+    c.unet.model_channels, c.unet.num_head_channels = 32, 16
     c.conditioning.text.model.update(width=32, depth=1, heads=2, head_dim=16)
     c.unet.context_dim = 32
     c.data.data_dir, c.data.config, c.data.resolution = data_dir, "tiny", 32

@@ -1,0 +1,36 @@
+"""Class-conditional LDM-VQ-4 on ImageNet at 256x256 (paper Table 15, "Class-Label-to-Image").
+
+  --config=configs/ldm_cin.py       z 64x64x3 (VQ f=4, 8192 codes), 192 channels, mult 1,2,3,5,
+                                    attention at 32,16,8 with 1 head, transformer depth 1;
+                                    batch 1200, lr 1e-4, 178k steps; 1000 classes (+1 null label
+                                    for classifier-free guidance).
+  --config=configs/ldm_cin.py:tiny  the 30 shape classes of 64x64 shapes on a CPU; needs a tiny VQ
+                                    stage-1 run (configs/autoencoder_vq.py:tiny) in
+                                    --config.first_stage.workdir (default runs/ae_vq_tiny).
+
+Difference from the reference (cin256-v2): there a learned 512-d class embedding is the
+cross-attention context (a sequence of length 1). Here the label embedding is added to the time
+embedding (conditioning.class_label, unet.num_classes) and the transformers' second attention
+attends to the image itself, so the cin256-v2 checkpoint does not load into this config.
+"""
+from configs import common, ldm_common
+
+
+def get_config(arg=None):
+    a = common.parse_arg(arg, {"tiny": False})
+    if a["tiny"]:
+        c = ldm_common.tiny_task("vq", keys=("label",))
+        z = c.first_stage.model.embed_dim
+        c.unet = ldm_common.tiny_unet(z, z, num_classes=30)
+        c.conditioning = ldm_common.conditioning(class_label=True)
+        return c
+    c = ldm_common.base(lr=1e-4, batch_size=1200, num_train_steps=178_000, tiny=False)
+    c.dataset_hint = "ImageNet (TFDS imagenet2012) with 'image' and 'label' features"
+    c.data.keys = ("label",)
+    c.diffusion = ldm_common.compvis_diffusion(beta_end=0.0195)
+    c.first_stage = ldm_common.first_stage("vq", 4)
+    c.unet = ldm_common.unet(in_channels=3, out_channels=3, model_channels=192, channel_mult=(1, 2, 3, 5),
+                             attention_resolutions=ldm_common.attention_factors(64, (32, 16, 8)),
+                             num_res_blocks=2, num_heads=1, transformer_depth=1, num_classes=1000)
+    c.conditioning = ldm_common.conditioning(class_label=True)
+    return c

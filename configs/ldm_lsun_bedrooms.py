@@ -1,0 +1,31 @@
+"""Unconditional LDM-VQ-4 on LSUN-Bedrooms at 256x256 (paper Table 12, fourth column).
+
+  --config=configs/ldm_lsun_bedrooms.py       z 64x64x3 (VQ f=4, 8192 codes), 224 channels, mult 1,2,3,4,
+                                              attention at 32,16,8, 32 channels per head; batch 48,
+                                              lr 9.6e-5, 1.9M steps.
+  --config=configs/ldm_lsun_bedrooms.py:tiny  unconditional 64x64 shapes on a CPU; needs a tiny VQ stage-1
+                                              run (configs/autoencoder_vq.py:tiny) in
+                                              --config.first_stage.workdir (default runs/ae_vq_tiny).
+
+The full config wants a trained VQ-f4 first stage (--config.first_stage.workdir or .checkpoint).
+"""
+from configs import common, ldm_common
+
+
+def get_config(arg=None):
+    a = common.parse_arg(arg, {"tiny": False})
+    if a["tiny"]:
+        c = ldm_common.tiny_task("vq")
+        z = c.first_stage.model.embed_dim
+        c.unet = ldm_common.tiny_unet(z, z)
+        return c
+    c = ldm_common.base(lr=9.6e-5, batch_size=48, num_train_steps=1_900_000, tiny=False)
+    c.dataset_hint = "LSUN bedrooms (TFDS lsun/bedroom) with an 'image' feature"
+    c.data.keys = ()
+    c.diffusion = ldm_common.compvis_diffusion(beta_end=0.0195)
+    c.first_stage = ldm_common.first_stage("vq", 4)
+    c.unet = ldm_common.unet(in_channels=3, out_channels=3, model_channels=224, channel_mult=(1, 2, 3, 4),
+                             attention_resolutions=ldm_common.attention_factors(64, (32, 16, 8)),
+                             num_res_blocks=2, num_head_channels=32)
+    c.conditioning = ldm_common.conditioning()
+    return c
