@@ -51,17 +51,13 @@ flags.mark_flags_as_required(["workdir", "outdir"])
 FLAGS = flags.FLAGS
 
 
-
 def main(argv):
     del argv
-    import jax
-    if FLAGS.distributed:
-        jax.distributed.initialize()
+    from latent_diffusion import cli
+    cli.start(FLAGS.distributed)
     from latent_diffusion.sampling import jobs, requests
     from latent_diffusion.sampling.pipeline import LDMGenerator, load_ldm
     from latent_diffusion.training import partitioning
-    from latent_diffusion import logs
-    logs.setup()
     if not 1 <= FLAGS.steps <= 1000:
         raise app.UsageError(f"--steps must be in [1, 1000], got {FLAGS.steps}")
     if not 0 <= FLAGS.guidance <= 50:

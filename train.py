@@ -24,15 +24,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-
 def main(argv):
     del argv
-    import jax
-    if FLAGS.distributed:
-        jax.distributed.initialize()
+    from latent_diffusion import cli
+    cli.start(FLAGS.distributed)
     from latent_diffusion.training.loop import train_and_evaluate
-    from latent_diffusion import logs
-    logs.setup()
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.eval_metrics.items()))
     print(f"finished at step {result.step} ({result.steps_per_sec:.2f} steps/s"

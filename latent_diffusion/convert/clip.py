@@ -163,7 +163,7 @@ def clip_text_from_compvis(state_dict: Any, prefix: str = "cond_stage_model.tran
     layers = _count_layers(sd, "encoder.layers.", "mlp.fc1.weight")
     kwargs = dict(vocab_size=vocab, width=width, layers=layers, heads=heads or width // 64,
                   max_length=sd.take("embeddings.position_embedding.weight").shape[0],
-                  mlp_dim=sd.take(f"encoder.layers.0.mlp.fc1.weight").shape[0], hidden_act=hidden_act,
+                  mlp_dim=sd.take("encoder.layers.0.mlp.fc1.weight").shape[0], hidden_act=hidden_act,
                   eos_token_id=vocab - 1)  # CLIP's end-of-text is its last id
     kwargs.update(module_kwargs)
     module = CLIPTextTransformer(**kwargs)

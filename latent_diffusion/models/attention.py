@@ -4,7 +4,7 @@ Images are NHWC. Norms and the attention softmax run in float32; matmuls in `dty
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax

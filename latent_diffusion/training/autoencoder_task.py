@@ -18,7 +18,7 @@ import optax
 from latent_diffusion.models import build
 from latent_diffusion.training import ae_losses
 from latent_diffusion.training.optimizers import did_update, make_optimizer
-from latent_diffusion.training.state import TrainState, ema_decay, ema_update
+from latent_diffusion.training.state import TrainState, ema_step
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,17 @@ def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
     return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
 
 
+def host_array(x) -> np.ndarray:
+    """A (possibly multi-host sharded) array as a float32 numpy array on every host."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x), np.float32)
+
+
 def image_grid(rows: list[jax.Array], max_images: int = 8) -> np.ndarray:
     """Rows of NHWC images in [-1, 1] -> one (1, H*rows, W*n, 3) image in [0, 1]."""
-    rows = [np.asarray(jax.device_get(r[:max_images]), np.float32) for r in rows]
+    rows = [host_array(r)[:max_images] for r in rows]
     rows = [np.concatenate(list(r), axis=1) for r in rows]
     return np.clip((np.concatenate(rows, axis=0)[None] + 1) / 2, 0, 1)
 
@@ -189,12 +197,8 @@ class AutoencoderTask:
             metrics.update(d_loss=d_loss, logits_real=lr_mean, logits_fake=lf_mean,
                            d_grad_norm=optax.global_norm(dgrads))
 
-        ema = state.ema_params
-        if ema is not None:
-            updated = did_update(gen_opt, int(self.config.optim.get("grad_accum_steps", 1)))
-            decay = ema_decay(state.step, float(self.config.ema.decay), bool(self.config.ema.warmup))
-            ema = jax.tree.map(lambda new, old: jnp.where(updated, new, old),
-                               ema_update(ema, new_gen["model"], decay), ema)
+        ema = ema_step(state.ema_params, new_gen["model"], state.step,
+                       did_update(gen_opt, int(self.config.optim.get("grad_accum_steps", 1))), self.config.ema)
         new_state = state.replace(step=state.step + 1, params=dict(new_gen, disc=new_dparams),
                                   opt_state={"gen": gen_opt, "disc": disc_opt}, ema_params=ema,
                                   model_state={"disc_batch_stats": new_dstats})

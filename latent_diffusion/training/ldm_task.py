@@ -8,7 +8,6 @@ Each condition can be dropped per example for classifier-free guidance.
 """
 from __future__ import annotations
 
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,7 @@ from latent_diffusion.diffusion import objectives, schedules
 from latent_diffusion.models import build, conditioning
 from latent_diffusion.training import first_stage as first_stage_lib
 from latent_diffusion.training.optimizers import did_update, make_optimizer
-from latent_diffusion.training.state import TrainState, ema_decay, ema_update
+from latent_diffusion.training.state import TrainState, ema_step
 
 CROSSATTN = ("none", "text", "layout")
 CONCAT = ("none", "lowres", "inpaint", "segmentation")
@@ -294,12 +293,8 @@ class LDMTask:
         (loss, per), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = state.ema_params
-        if ema is not None:
-            updated = did_update(opt_state, int(self.config.optim.get("grad_accum_steps", 1)))
-            decay = ema_decay(state.step, float(self.config.ema.decay), bool(self.config.ema.warmup))
-            ema = jax.tree.map(lambda n, o: jnp.where(updated, n, o),
-                               ema_update(ema, params["model"], decay), ema)
+        ema = ema_step(state.ema_params, params["model"], state.step,
+                       did_update(opt_state, int(self.config.optim.get("grad_accum_steps", 1))), self.config.ema)
         metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), **self._bucket_metrics(per, t))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 

@@ -36,6 +36,14 @@ def ema_update(ema: Any, params: Any, decay: jax.Array) -> Any:
     return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p.astype(e.dtype) - e), ema, params)
 
 
+def ema_step(ema: Any, params: Any, step: jax.Array, updated: Any, ema_cfg) -> Any:
+    """The EMA after an optimizer step; unchanged (and None stays None) on accumulation-only steps."""
+    if ema is None:
+        return None
+    decay = ema_decay(step, float(ema_cfg.decay), bool(ema_cfg.warmup))
+    return jax.tree.map(lambda n, o: jnp.where(updated, n, o), ema_update(ema, params, decay), ema)
+
+
 def tree_all_finite(tree: Any) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
               if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
