@@ -5,7 +5,8 @@ reads only its own contiguous slice of the set, feeds its rows with
 `make_array_from_process_local_data`, and every host gathers the outputs of the whole batch.
 Each row carries its global index, so outputs land in set order whatever the device layout.
 Partial batches are padded and the padding dropped; every row goes through the network on its
-own, so the outputs do not depend on the batch size, the device count or the host count.
+own (a batch-1 computation), so the outputs are bit-identical for any batch size, device count
+or host count.
 """
 from __future__ import annotations
 
@@ -54,7 +55,9 @@ class ShardedMap:
         devices = list(devices) if devices is not None else jax.devices()
         self.mesh = Mesh(np.array(devices), ("data",))
         n = len(devices)
-        self.batch_size = max(n, math.ceil(batch_size / n) * n)  # the batch must split evenly
+        # The batch must split evenly, with at least 2 rows a device: a row loop of one trip is
+        # simplified away by XLA and compiled differently, which would change the rounding.
+        self.batch_size = max(2 * n, math.ceil(batch_size / n) * n)
         if self.batch_size != batch_size:
             log.info("batch size %d rounded up to %d (a multiple of %d devices)", batch_size, self.batch_size, n)
         processes = sorted({d.process_index for d in devices})
@@ -70,7 +73,13 @@ class ShardedMap:
         self._data = NamedSharding(self.mesh, P("data"))
         replicated = NamedSharding(self.mesh, P())
         self.params = jax.device_put(params, replicated)
-        self._apply = jax.jit(lambda p, x, idx: (fn(p, x), idx),
+        # One row at a time through the network (lax.map inside the jitted step): every row then runs
+        # the same batch-1 computation whatever the batch size or device count, so the outputs are
+        # bit-identical across layouts; XLA picks different kernels for different batch shapes.
+        def rows(p, x):
+            out = jax.lax.map(lambda xi: fn(p, xi[None]), x)
+            return jax.tree.map(lambda a: a.reshape((a.shape[0],) + a.shape[2:]), out)
+        self._apply = jax.jit(lambda p, x, idx: (rows(p, x), idx),
                               in_shardings=(replicated, self._data, self._data), out_shardings=self._data)
 
     def host_range(self, n: int) -> tuple[int, int]:
