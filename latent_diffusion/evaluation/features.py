@@ -55,9 +55,7 @@ class ShardedMap:
         devices = list(devices) if devices is not None else jax.devices()
         self.mesh = Mesh(np.array(devices), ("data",))
         n = len(devices)
-        # The batch must split evenly, with at least 2 rows a device: a row loop of one trip is
-        # simplified away by XLA and compiled differently, which would change the rounding.
-        self.batch_size = max(2 * n, math.ceil(batch_size / n) * n)
+        self.batch_size = max(n, math.ceil(batch_size / n) * n)  # the batch must split evenly
         if self.batch_size != batch_size:
             log.info("batch size %d rounded up to %d (a multiple of %d devices)", batch_size, self.batch_size, n)
         processes = sorted({d.process_index for d in devices})
