@@ -24,6 +24,7 @@ import logging
 from typing import Sequence
 
 import jax
+from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -200,8 +201,9 @@ class LDMGenerator:
 
     def __init__(self, task, params, frozen, *, image_size: int, sampler: str = "ddim", guidance: float = 5.0,
                  eta: float = 0.0, negative_prompt: str = "", mode: str = "auto", strength: float = 0.75,
-                 inpaint_method: str | None = None):
+                 inpaint_method: str | None = None, mesh=None):
         self.task, self.params, self.frozen = task, params, frozen
+        self.mesh = mesh
         self.sampler, self.guidance, self.eta = sampler, float(guidance), float(eta)
         self.negative_prompt = negative_prompt
         self.cond = c = task.config.conditioning
@@ -217,7 +219,8 @@ class LDMGenerator:
             raise ValueError(f"image_size {image_size} must be a multiple of the SR factor {c.lowres_factor}")
         self.image_size = image_size
         self.latent_shape = (image_size // f, image_size // f, task.first_stage.latent_channels)
-        self._fn = jax.jit(self._generate, static_argnames=("steps", "max_strength_ppm"))
+        self._fn = jax.jit(self._generate if mesh is None else self._per_device,
+                           static_argnames=("steps", "max_strength_ppm"))
 
     @property
     def blends(self) -> bool:
@@ -397,6 +400,15 @@ class LDMGenerator:
         if self.blends:
             out["input_latents"] = x0
         return out
+
+    def _per_device(self, params, frozen, arrays, keys, steps, max_strength_ppm):
+        """Each device samples its own rows (shard_map): a device runs the same program for the same
+        number of rows whatever the device count, so images are byte-identical across device counts
+        at equal rows per device (GSPMD partitioning of one global program can round differently)."""
+        spec = P(tuple(self.mesh.axis_names))
+        body = lambda a, k: self._generate(params, frozen, a, k, steps, max_strength_ppm)
+        return jax.shard_map(body, mesh=self.mesh, in_specs=(spec, spec), out_specs=spec,
+                             check_vma=False)(arrays, keys)
 
     def sample_outputs(self, arrays, keys, *, steps) -> dict:
         """uint8 'images', final 'latents' and, for img2img / blend inpainting, the input's 'input_latents'."""

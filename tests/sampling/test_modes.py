@@ -57,7 +57,7 @@ def _fill(seed, shapes):
 _FIRST_STAGE = []
 
 
-def _random_first_stage(cfg, mesh):
+def _random_first_stage(cfg, mesh, abstract=False):
     """Stands in for first_stage.load: one random tiny KL autoencoder shared by every task here."""
     if not _FIRST_STAGE:
         module = build.autoencoder(cfg.model)
