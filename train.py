@@ -30,6 +30,10 @@ def main(argv):
     cli.start(FLAGS.distributed)
     from latent_diffusion.training.loop import train_and_evaluate
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if result.resumed_from is not None and result.resumed_from >= FLAGS.config.num_train_steps:
+        print(f"{FLAGS.workdir} is already at step {result.step}: nothing to train "
+              "(raise --config.num_train_steps to continue)")
+        return
     summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.eval_metrics.items()))
     print(f"finished at step {result.step} ({result.steps_per_sec:.2f} steps/s"
           f"{', resumed from ' + str(result.resumed_from) if result.resumed_from is not None else ''}); "
