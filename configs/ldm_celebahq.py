@@ -29,6 +29,11 @@ def get_config(arg=None):
     else:
         c = ldm_common.base(lr=9.6e-5, batch_size=48, num_train_steps=410_000, tiny=False)
         c.dataset_hint = "CelebA-HQ 256x256 images as a TFDS dataset with an 'image' feature"
+    return unconditional_vq_f4(c)
+
+
+def unconditional_vq_f4(c):
+    """The unconditional LDM-VQ-4 of Table 14 (CelebA-HQ, FFHQ, LSUN-Bedrooms share it)."""
     c.data.keys = ()
     c.diffusion = ldm_common.compvis_diffusion(beta_end=0.0195)
     c.first_stage = ldm_common.first_stage("vq", 4)

@@ -9,7 +9,7 @@
 
 The full config wants a trained VQ-f4 first stage (--config.first_stage.workdir or .checkpoint).
 """
-from configs import common, ldm_common
+from configs import ldm_celebahq, common, ldm_common
 
 
 def get_config(arg=None):
@@ -21,11 +21,4 @@ def get_config(arg=None):
         return c
     c = ldm_common.base(lr=9.6e-5, batch_size=48, num_train_steps=1_900_000, tiny=False)
     c.dataset_hint = "LSUN bedrooms (TFDS lsun/bedroom) with an 'image' feature"
-    c.data.keys = ()
-    c.diffusion = ldm_common.compvis_diffusion(beta_end=0.0195)
-    c.first_stage = ldm_common.first_stage("vq", 4)
-    c.unet = ldm_common.unet(in_channels=3, out_channels=3, model_channels=224, channel_mult=(1, 2, 3, 4),
-                             attention_resolutions=ldm_common.attention_factors(64, (32, 16, 8)),
-                             num_res_blocks=2, num_head_channels=32)
-    c.conditioning = ldm_common.conditioning()
-    return c
+    return ldm_celebahq.unconditional_vq_f4(c)
