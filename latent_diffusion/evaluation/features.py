@@ -71,14 +71,17 @@ class ShardedMap:
         self._data = NamedSharding(self.mesh, P("data"))
         replicated = NamedSharding(self.mesh, P())
         self.params = jax.device_put(params, replicated)
-        # One row at a time through the network (lax.map inside the jitted step): every row then runs
-        # the same batch-1 computation whatever the batch size or device count, so the outputs are
-        # bit-identical across layouts; XLA picks different kernels for different batch shapes.
-        def rows(p, x):
+        # Each device maps its own rows one at a time through the network (shard_map + lax.map), so
+        # every row runs the same batch-1 program whatever the batch size, device count or host
+        # count, and the outputs are bit-identical across layouts. (XLA picks other kernels for other
+        # batch shapes, and a GSPMD-partitioned loop over the rows is split differently per layout.)
+        def rows(p, x, idx):
             out = jax.lax.map(lambda xi: fn(p, xi[None]), x)
-            return jax.tree.map(lambda a: a.reshape((a.shape[0],) + a.shape[2:]), out)
-        self._apply = jax.jit(lambda p, x, idx: (rows(p, x), idx),
-                              in_shardings=(replicated, self._data, self._data), out_shardings=self._data)
+            return jax.tree.map(lambda a: a.reshape((a.shape[0],) + a.shape[2:]), out), idx
+        per_device = jax.shard_map(rows, mesh=self.mesh, in_specs=(P(), P("data"), P("data")),
+                                   out_specs=P("data"), check_vma=False)
+        self._apply = jax.jit(per_device, in_shardings=(replicated, self._data, self._data),
+                              out_shardings=self._data)
 
     def host_range(self, n: int) -> tuple[int, int]:
         """This process's contiguous slice [start, stop) of a set of n rows."""

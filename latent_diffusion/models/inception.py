@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -91,8 +92,20 @@ class BasicConv2d(nn.Module):
 
 
 def _avg_pool_tf(x):
-    """3x3/1 average pool, SAME padding, padded zeros excluded from the mean (TF semantics)."""
-    return nn.avg_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
+    """3x3/1 average pool, SAME padding, padded zeros excluded from the mean (TF semantics).
+
+    The divisor (how many real pixels each window covers) is a constant built with numpy at trace
+    time, so every program that runs the network divides by the same literal. Computing it on the
+    device (flax's count_include_pad=False pools a tensor of ones) leaves XLA free to fold it in one
+    program and not in another (seen: a sharded program kept the divide, a single-device one turned
+    it into a multiply), which changes the last bit of the features with the device layout.
+    """
+    pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+    sums = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), pad)
+    h, w = x.shape[1:3]
+    ones = np.pad(np.ones((h, w), np.float32), 1)
+    counts = sum(ones[i:i + h, j:j + w] for i in range(3) for j in range(3))
+    return sums / jnp.asarray(counts[None, :, :, None], x.dtype)
 
 
 def _max_pool_3x3_s2(x):

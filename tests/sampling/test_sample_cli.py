@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,10 +33,12 @@ def ldm_workdir(shapes_data_dir, tmp_path_factory):
 
 
 def _sample(workdir, outdir, devices, batch, *extra):
-    # Single-threaded XLA:CPU kernels: with threads, how an op's work is split (and so how its sums
-    # round) depends on how many fake devices share the host, not on the program.
-    env = dict(os.environ, PYTHONPATH=ROOT,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_cpu_multi_thread_eigen=false")
+    # XLA:CPU sizes its intra-op thread pool as max(cores, devices) (NPROC replaces the core count)
+    # and splits element-wise kernels by it, which moves the last bit of some activations. Faking 8
+    # devices on a 2-core host thus changes the host's thread pool, not just the device count, so
+    # both runs get the same pool; a real host has one pool whatever the device count.
+    env = dict(os.environ, PYTHONPATH=ROOT, NPROC="8",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     prompts = os.path.join(os.path.dirname(outdir), "prompts.txt")
     with open(prompts, "w") as f:
         f.write("a small red circle at the top left\n"
@@ -60,25 +61,15 @@ def _files(folder):
 def test_sample_py_same_pngs_on_8_and_1_devices(ldm_workdir, tmp_path):
     a, b = str(tmp_path / "eight" / "out"), str(tmp_path / "one" / "out")
     os.makedirs(os.path.dirname(a)), os.makedirs(os.path.dirname(b))
-    # One sample per device in both runs: each device then runs the same program (shard_map).
+    # 8 devices with one sample each vs 1 device with three: same images, whatever the layout.
     _sample(ldm_workdir, a, 8, 8)
-    _sample(ldm_workdir, b, 1, 1)
+    _sample(ldm_workdir, b, 1, 3)
     fa, fb = _files(a), _files(b)
     pngs = sorted(n for n in fa if n.endswith(".png"))
     assert len(pngs) == 9 and sorted(n for n in fb if n.endswith(".png")) == pngs
-    assert fa["manifest.jsonl"] == fb["manifest.jsonl"]
     # Not a constant image: the prompts and seeds give different samples.
     assert len({fa[n] for n in pngs}) == 9
-    # Byte-identical PNGs are the aim, and most are; XLA:CPU compiles the 8-partition program a
-    # little differently from the 1-device one, which can move a rare value by one grey level
-    # (seen: 1 value of 27,648). Anything more would be a real layout dependence.
-    import io
-    from PIL import Image
-    decode = lambda data: np.asarray(Image.open(io.BytesIO(data))).astype(np.int16)
-    diffs = [np.abs(decode(fa[n]) - decode(fb[n])) for n in pngs]
-    assert max(int(d.max()) for d in diffs) <= 1
-    assert sum(int((d > 0).sum()) for d in diffs) <= 3
-    assert sum(fa[n] == fb[n] for n in pngs) >= 8
+    assert fa == fb  # every PNG and the manifest byte for byte
 
 
 @pytest.mark.slow
