@@ -1,13 +1,19 @@
-"""CPU sampling throughput: DDIM with classifier-free guidance, ours beside the diffusers peer; one JSON line.
+"""Sampling throughput: DDIM with classifier-free guidance, ours beside the diffusers peer; one JSON line.
 
-Usage: python bench/bench_sampling.py --model {tiny,bench} [--batch 8] [--steps 50] [--guidance 7.5]
+Usage: python bench/bench_sampling.py --model {tiny,bench,sd1} [--batch 8] [--steps 50] [--guidance 7.5]
                                       [--repeats N] [--threads 2] [--peer] [--shared DIR]
+                                      [--device {cpu,gpu}] [--dtype {float32,bfloat16}]
 
 'tiny' is the UNet of configs/ldm_f8_laion.py:tiny (16x16x3 latents, context 77x64); 'bench' is
 <shared>/cpu_bench_unet.json (32x32x4 latents, context 77x512). One sample call runs `--steps`
 DDIM steps (eta 0, CompVis uniform spacing = diffusers 'leading' with steps_offset 1) from noise,
 with cond and uncond in one batched UNet call, so each step evaluates 2B. Decoding latents to
-pixels is not part of either side's timing.
+pixels is not part of either side's timing. 'sd1' is the Stable Diffusion v1 UNet (64x64x4 latents,
+context 77x768, 860M parameters), meant for `--device gpu`.
+
+`--device gpu` runs JAX on its default accelerator and the peer on CUDA (no thread pinning; each timed
+call ends with a device sync). `--dtype bfloat16` computes in bfloat16 on both sides: ours keeps float32
+params and casts in each layer (flax `dtype`), the peer's module and inputs are cast to bfloat16.
 
 Each side runs in its own subprocess so thread pools and libraries do not interfere: ours jits
 `ddim_sample(cfg_model_fn(...))` (one lax.scan), the peer is diffusers UNet2DConditionModel +
@@ -40,13 +46,15 @@ TINY_DIFFUSERS = {
     "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 64,
     "attention_head_dim": 4,
 }
+# Stable Diffusion v1's UNet: diffusers' UNet2DConditionModel defaults, 64x64x4 latents, 768-d context.
+SD1_DIFFUSERS = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "cross_attention_dim": 768}
 SCHEDULE = dict(beta_start=0.00085, beta_end=0.012)  # scaled_linear, 1000 steps
 CONTEXT_LEN = 77
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=("tiny", "bench"), required=True)
+    p.add_argument("--model", choices=("tiny", "bench", "sd1"), required=True)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps per sample call")
     p.add_argument("--guidance", type=float, default=7.5)
@@ -56,6 +64,8 @@ def parse(argv=None):
     p.add_argument("--shared", default=DEFAULT_SHARED, help="the shared/bench folder (default: %(default)s)")
     p.add_argument("--omp-wait-policy", default="PASSIVE", choices=("PASSIVE", "ACTIVE", "inherit"),
                    help="OMP_WAIT_POLICY for the peer process ('inherit': leave the environment as it is)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype, both sides")
     p.add_argument("--side", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.batch < 1 or a.steps < 1 or a.guidance == 1.0:
@@ -68,6 +78,8 @@ def parse(argv=None):
 def diffusers_config(a) -> dict:
     if a.model == "tiny":
         return dict(TINY_DIFFUSERS)
+    if a.model == "sd1":
+        return dict(SD1_DIFFUSERS)
     with open(os.path.join(shared_dir(a.shared), "cpu_bench_unet.json")) as f:
         return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
 
@@ -103,11 +115,13 @@ def run_jax(a, cfg: dict) -> dict:
     from latent_diffusion.diffusion.schedules import make_schedule
     from latent_diffusion.models.unet import UNet
 
-    mapped = UNet(**unet_config_from_diffusers(cfg))
+    if a.device == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+    mapped = UNet(**unet_config_from_diffusers(cfg), dtype=jnp.dtype(a.dtype))
     if a.model == "tiny":
         from configs import ldm_f8_laion
         from latent_diffusion.models import build
-        module = build.unet(ldm_f8_laion.get_config("tiny").unet)
+        module = build.unet(ldm_f8_laion.get_config("tiny").unet).clone(dtype=jnp.dtype(a.dtype))
     else:
         module = mapped
     shapes = abstract_params(module)
@@ -144,7 +158,8 @@ def run_jax(a, cfg: dict) -> dict:
     run = lambda: out.append(jax.block_until_ready(compiled(params, x_T, ctx, null)))
     first, times = timed_calls(run, a.repeats)
     return summary(a, n_params, compile_s + first, times, compile_s=round(compile_s, 2),
-                   finite=bool(np.isfinite(np.asarray(out[-1])).all()), jax=jax.__version__)
+                   finite=bool(np.isfinite(np.asarray(out[-1])).all()), jax=jax.__version__,
+                   backend=str(jax.devices()[0].device_kind))
 
 
 def run_torch(a, cfg: dict) -> dict:
@@ -152,14 +167,17 @@ def run_torch(a, cfg: dict) -> dict:
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     torch.manual_seed(0)
-    torch.set_num_threads(a.threads)
-    model = UNet2DConditionModel(**cfg).eval()
+    dev = torch.device("cuda" if a.device == "gpu" else "cpu")
+    dtype = getattr(torch, a.dtype)
+    if a.device == "cpu":
+        torch.set_num_threads(a.threads)
+    model = UNet2DConditionModel(**cfg).eval().to(dev, dtype)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", set_alpha_to_one=False,
                               steps_offset=1, clip_sample=False, timestep_spacing="leading", **SCHEDULE)
     s, b = cfg["sample_size"], a.batch
-    x_T = torch.randn(b, cfg["in_channels"], s, s)
+    x_T = torch.randn(b, cfg["in_channels"], s, s).to(dev, dtype)
     both = torch.cat([torch.randn(b, CONTEXT_LEN, cfg["cross_attention_dim"]),
-                      torch.randn(b, CONTEXT_LEN, cfg["cross_attention_dim"])])
+                      torch.randn(b, CONTEXT_LEN, cfg["cross_attention_dim"])]).to(dev, dtype)
     out = []
 
     @torch.no_grad()
@@ -170,19 +188,22 @@ def run_torch(a, cfg: dict) -> dict:
             pred = model(torch.cat([x, x]), t, encoder_hidden_states=both).sample
             cond, uncond = pred.chunk(2)
             x = scheduler.step(uncond + a.guidance * (cond - uncond), t, x, eta=0.0).prev_sample
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         out.append(x)
 
     first, times = timed_calls(run, a.repeats)
     n_params = sum(p.numel() for p in model.parameters())
     return summary(a, n_params, first, times, finite=bool(torch.isfinite(out[-1]).all()),
-                   torch=torch.__version__, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"))
+                   torch=torch.__version__, backend=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                   omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"))
 
 
 def child(a, side: str) -> dict:
     """Runs one side in a fresh process and returns its JSON result."""
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--model", a.model, "--batch", str(a.batch),
            "--steps", str(a.steps), "--guidance", str(a.guidance), "--repeats", str(a.repeats),
-           "--threads", str(a.threads), "--shared", a.shared]
+           "--threads", str(a.threads), "--shared", a.shared, "--device", a.device, "--dtype", a.dtype]
     env = dict(os.environ)
     if side == "torch" and a.omp_wait_policy != "inherit":
         env["OMP_WAIT_POLICY"] = a.omp_wait_policy  # read when torch loads its OpenMP runtime
@@ -194,7 +215,8 @@ def child(a, side: str) -> dict:
 
 def main():
     a = parse()
-    limit_threads(a.threads)  # children inherit the affinity
+    if a.device == "cpu":
+        limit_threads(a.threads)  # children inherit the affinity
     cfg = diffusers_config(a)
     if a.side is not None:
         result = run_jax(a, cfg) if a.side == "jax" else run_torch(a, cfg)
@@ -202,7 +224,8 @@ def main():
         return
     load_before = os.getloadavg()[0]
     line = dict(bench="sampling", model=a.model, batch=a.batch, steps=a.steps, sampler="ddim eta=0",
-                guidance=a.guidance, unet_batch=2 * a.batch, threads=a.threads, decode_included=False)
+                guidance=a.guidance, unet_batch=2 * a.batch, threads=a.threads, decode_included=False,
+                device=a.device, dtype=a.dtype)
     line["jax"] = child(a, "jax")
     if a.peer:
         line["torch"] = child(a, "torch")
