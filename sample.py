@@ -69,7 +69,7 @@ def main(argv):
         gen = LDMGenerator(task, params, frozen, image_size=size, sampler=FLAGS.sampler, guidance=FLAGS.guidance,
                            eta=FLAGS.eta, negative_prompt=FLAGS.negative_prompt, mode=FLAGS.mode,
                            strength=FLAGS.strength, inpaint_method=FLAGS.inpaint_method, mesh=mesh)
-        num_classes = task.config.unet.num_classes if task.config.conditioning.class_label else None
+        num_classes = task.num_classes
         items = requests.build_requests(seed=FLAGS.seed, prompts=FLAGS.prompts, classes=FLAGS.classes,
                                         num_samples=FLAGS.num_samples, num_classes=num_classes)
         gen.check_items(items)

@@ -8,12 +8,20 @@
                                     stage-1 run (configs/autoencoder_vq.py:tiny) in
                                     --config.first_stage.workdir (default runs/ae_vq_tiny).
 
-Difference from the reference (cin256-v2): there a learned 512-d class embedding is the
-cross-attention context (a sequence of length 1). Here the label embedding is added to the time
-embedding (conditioning.class_label, unet.num_classes) and the transformers' second attention
-attends to the image itself, so the cin256-v2 checkpoint does not load into this config.
+As in CompVis cin256-v2, the label conditions through cross-attention (conditioning.crossattn
+'class'): a learned 512-d class embedding, trained with the UNet, is a context of length 1. Its
+extra row (index num_classes) is the null class: conditioning.dropout.class_label of the training
+labels are replaced by it, and guidance samples against it.
 """
 from configs import common, ldm_common
+
+
+def class_conditioning(num_classes: int, unet):
+    c = ldm_common.conditioning(crossattn="class")
+    c.num_classes = num_classes          # labels 0..num_classes-1; num_classes is the null class
+    # The context width is the UNet's context_dim: one value, so overriding either changes both.
+    c.class_embed_dim = unet.get_ref("context_dim")
+    return c
 
 
 def get_config(arg=None):
@@ -21,8 +29,8 @@ def get_config(arg=None):
     if a["tiny"]:
         c = ldm_common.tiny_task("vq", keys=("label",))
         z = c.first_stage.model.embed_dim
-        c.unet = ldm_common.tiny_unet(z, z, num_classes=30)
-        c.conditioning = ldm_common.conditioning(class_label=True)
+        c.unet = ldm_common.tiny_unet(z, z, context_dim=64)
+        c.conditioning = class_conditioning(30, c.unet)
         return c
     c = ldm_common.base(lr=1e-4, batch_size=1200, num_train_steps=178_000, tiny=False)
     c.dataset_hint = "ImageNet (TFDS imagenet2012) with 'image' and 'label' features"
@@ -31,6 +39,6 @@ def get_config(arg=None):
     c.first_stage = ldm_common.first_stage("vq", 4)
     c.unet = ldm_common.unet(in_channels=3, out_channels=3, model_channels=192, channel_mult=(1, 2, 3, 5),
                              attention_resolutions=ldm_common.attention_factors(64, (32, 16, 8)),
-                             num_res_blocks=2, num_heads=1, transformer_depth=1, num_classes=1000)
-    c.conditioning = ldm_common.conditioning(class_label=True)
+                             num_res_blocks=2, num_heads=1, transformer_depth=1, context_dim=512)
+    c.conditioning = class_conditioning(1000, c.unet)
     return c

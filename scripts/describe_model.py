@@ -48,7 +48,7 @@ def main():
         batch["tokens"] = jax.ShapeDtypeStruct((b, int(c.text.max_length)), jnp.int32)
     if c.crossattn == "layout":
         batch["layout"] = jax.ShapeDtypeStruct((b, 1 + 5 * int(c.layout.max_objects)), jnp.int32)
-    if c.class_label:
+    if c.class_label or c.crossattn == "class":
         batch["label"] = jax.ShapeDtypeStruct((b,), jnp.int32)
     if c.concat == "lowres":
         f = int(c.lowres_factor)

@@ -2,7 +2,8 @@
 
 `Conditioner` owns the trainable encoders: the text encoder when trained jointly (the paper's
 BERT-style transformer for LAION), the layout encoder (boxes + labels as a token sequence),
-and the optional learned channel map of concatenated spatial inputs. A frozen text encoder
+the class embedder (ImageNet: one learned vector per class as a context of length 1), and the
+optional learned channel map of concatenated spatial inputs. A frozen text encoder
 (CLIP) is run outside, from frozen params, and its output passed in as `context`.
 """
 from __future__ import annotations
@@ -62,15 +63,37 @@ class SpatialRescaler(nn.Module):
         return c
 
 
+class ClassEmbedder(nn.Module):
+    """Class label (B,) -> cross-attention context (B, 1, features), as CompVis' `ClassEmbedder`.
+
+    The table has num_classes + 1 rows: row `num_classes` is the null class of classifier-free
+    guidance (CompVis cin256-v2: n_classes 1001, labels 0..999, 1000 = unconditional).
+    """
+    num_classes: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, labels):
+        # N(0, 1) like torch nn.Embedding, so converted and fresh tables have the same scale.
+        table = self.param("embedding", nn.initializers.normal(1.0), (self.num_classes + 1, self.features),
+                           self.param_dtype)
+        labels = jnp.asarray(labels, jnp.int32)
+        return jnp.take(table, labels, axis=0).astype(self.dtype)[:, None, :]
+
+
 class Conditioner(nn.Module):
     """The trainable condition encoders; each is built only if its config asks for it.
 
     text: kwargs of BERTEmbedder (the jointly trained text encoder) or None.
     layout: kwargs of BERTEmbedder for the layout token sequence, or None.
+    classes: kwargs of ClassEmbedder (num_classes, features), or None.
     concat_channels: channel map size for the concatenated input (None: concatenate as is).
     """
     text: Optional[dict] = None
     layout: Optional[dict] = None
+    classes: Optional[dict] = None
     concat_channels: Optional[int] = None
     concat_method: str = "nearest"
     dtype: Dtype = jnp.float32
@@ -80,6 +103,7 @@ class Conditioner(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.text_encoder = BERTEmbedder(**self.text, **kw) if self.text else None
         self.layout_encoder = BERTEmbedder(**self.layout, **kw) if self.layout else None
+        self.class_embedder = ClassEmbedder(**self.classes, **kw) if self.classes else None
         self.rescaler = SpatialRescaler(self.concat_channels, self.concat_method, **kw)
 
     def encode_text(self, tokens):
@@ -88,16 +112,21 @@ class Conditioner(nn.Module):
     def encode_layout(self, tokens):
         return self.layout_encoder(tokens)
 
+    def encode_class(self, labels):
+        return self.class_embedder(labels)
+
     def rescale(self, c, size):
         return self.rescaler(c, size)
 
-    def __call__(self, tokens=None, layout=None, spatial=None, size=None):
+    def __call__(self, tokens=None, layout=None, labels=None, spatial=None, size=None):
         """Initialise every encoder in one call (used by init)."""
         out = {}
         if self.text_encoder is not None and tokens is not None:
             out["text"] = self.encode_text(tokens)
         if self.layout_encoder is not None and layout is not None:
             out["layout"] = self.encode_layout(layout)
+        if self.class_embedder is not None and labels is not None:
+            out["class"] = self.encode_class(labels)
         if spatial is not None:
             out["spatial"] = self.rescale(spatial, size)
         return out

@@ -208,8 +208,11 @@ class LDMGenerator:
         self.negative_prompt = negative_prompt
         self.cond = c = task.config.conditioning
         self.mode, self.inpaint_method = resolve_mode(c, mode, inpaint_method)
+        # Class-conditional either way: a label embedding as the context (crossattn 'class', the
+        # paper's ImageNet model) or added to the time embedding (class_label).
+        self.num_classes = task.num_classes
         self.condition = ("text" if c.crossattn == "text" else "layout" if c.crossattn == "layout" else
-                          "class" if c.class_label else "unconditional")
+                          "class" if self.num_classes is not None else "unconditional")
         self.strength = check_strength(strength, "strength")
         self._max_strength_ppm = STRENGTH_UNIT
         f = task.first_stage.downsample
@@ -232,7 +235,7 @@ class LDMGenerator:
         c, need = self.cond, {}
         if c.crossattn == "text":
             need["prompt"] = "this is a text-to-image model"
-        if c.class_label:
+        if self.condition == "class":
             need["label"] = "this is a class-conditional model"
         if c.crossattn == "layout":
             need["layout"] = "this is a layout-to-image model"
@@ -252,6 +255,10 @@ class LDMGenerator:
                            }.get(key, f"{key}.png")
                 raise RequestError(f"{where}: {why}: every request needs {key!r} (write a JSONL prompts file "
                                    f"with lines like {{{json.dumps(key)}: {json.dumps(example)}}})")
+        if self.condition == "class" and not 0 <= item.label < self.num_classes:
+            # Index num_classes is the null class of guidance, not a label to ask for.
+            raise RequestError(f"{where}: class id {item.label} is outside [0, {self.num_classes}) for this "
+                               f"{self.num_classes}-class model")
         if item.strength is not None and self.mode != "img2img":
             raise RequestError(f"{where}: 'strength' applies to --mode=img2img only; this job is {self.mode}")
         for key in ("image", "mask", "segmentation", "layout"):
@@ -299,7 +306,7 @@ class LDMGenerator:
             out["tokens"] = tok([it.prompt for it in items])
             out["neg_tokens"] = tok([it.negative_prompt if it.negative_prompt is not None else self.negative_prompt
                                      for it in items])
-        if c.class_label:
+        if self.condition == "class":
             out["label"] = np.array([it.label for it in items], np.int32)
         if c.crossattn == "layout":
             out["layout"] = np.concatenate([self._layout_tokens(it.layout) for it in items])
@@ -330,7 +337,7 @@ class LDMGenerator:
     def _raw_conditions(self, frozen, arrays, keys):
         """The task's own condition preparation, run per sample so its randomness is per sample."""
         task, c = self.task, self.cond
-        names = {"tokens": c.crossattn == "text", "layout": c.crossattn == "layout", "label": bool(c.class_label),
+        names = {"tokens": c.crossattn == "text", "layout": c.crossattn == "layout", "label": self.condition == "class",
                  "lowres": c.concat == "lowres", "segmentation": c.concat == "segmentation",
                  "image": c.concat == "inpaint", "mask": c.concat == "inpaint"}
         batch = {k: arrays[k] for k, used in names.items() if used}

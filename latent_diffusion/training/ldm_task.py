@@ -2,9 +2,11 @@
 
 The first stage is frozen (see first_stage.py). Conditions come from the batch: a caption
 (text, through a jointly trained BERT-style encoder or a frozen CLIP), boxes and labels
-(layout tokens), a class label (added to the time embedding), or a spatial input
-concatenated to the latents (low-resolution image, masked image + mask, segmentation map).
-Each condition can be dropped per example for classifier-free guidance.
+(layout tokens), a class label (crossattn 'class': a jointly trained embedding that is the
+cross-attention context, as in the paper's ImageNet model; or class_label: an embedding added to
+the time embedding), or a spatial input concatenated to the latents (low-resolution image,
+masked image + mask, segmentation map). Each condition can be dropped per example for
+classifier-free guidance; a dropped class label becomes the null class (index num_classes).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from latent_diffusion.training import first_stage as first_stage_lib
 from latent_diffusion.training.optimizers import did_update, make_optimizer
 from latent_diffusion.training.state import TrainState, ema_step
 
-CROSSATTN = ("none", "text", "layout")
+CROSSATTN = ("none", "text", "layout", "class")
 CONCAT = ("none", "lowres", "inpaint", "segmentation")
 NUM_BUCKETS = 10
 
@@ -91,10 +93,14 @@ class LDMTask:
         if c.crossattn == "layout":
             layout_kwargs = dict(c.layout.model.to_dict(), max_length=1 + 5 * int(c.layout.max_objects),
                                  vocab_size=conditioning.layout_vocab_size(c.layout.num_classes, c.layout.bins))
+        class_kwargs = None
+        if c.crossattn == "class":
+            class_kwargs = dict(num_classes=int(c.get("num_classes", 0) or 0),
+                                features=int(c.get("class_embed_dim", 0) or 0))
         dtype = build.dtype_of(config.unet.dtype)
         self.cond_module = conditioning.Conditioner(
-            text=text_kwargs, layout=layout_kwargs, concat_channels=int(c.concat_channels) or None,
-            dtype=dtype)
+            text=text_kwargs, layout=layout_kwargs, classes=class_kwargs,
+            concat_channels=int(c.concat_channels) or None, dtype=dtype)
         self.tx = make_optimizer(config.optim)
         self._check_channels()
         self._sample_batch = None
@@ -144,8 +150,28 @@ class LDMTask:
         if self.config.unet.out_channels != self.first_stage.latent_channels:
             raise ValueError(f"unet.out_channels must be the latent channels "
                              f"{self.first_stage.latent_channels}, got {self.config.unet.out_channels}")
-        if self.config.conditioning.class_label and not self.config.unet.num_classes:
+        c, unet = self.config.conditioning, self.config.unet
+        if c.class_label and not unet.num_classes:
             raise ValueError("conditioning.class_label needs unet.num_classes")
+        if c.crossattn == "class":
+            if c.class_label:
+                raise ValueError("conditioning.crossattn='class' and conditioning.class_label both condition on "
+                                 "the label: set one (class_label=False for the paper's cross-attention model)")
+            if not c.get("num_classes") or not c.get("class_embed_dim"):
+                raise ValueError("conditioning.crossattn='class' needs conditioning.num_classes (the labels, "
+                                 "without the null class) and conditioning.class_embed_dim (the context width)")
+            if unet.context_dim != c.class_embed_dim:
+                raise ValueError(f"unet.context_dim is {unet.context_dim} but the class embedding has "
+                                 f"conditioning.class_embed_dim={c.class_embed_dim}: set "
+                                 f"--config.unet.context_dim={c.class_embed_dim}")
+
+    @property
+    def num_classes(self):
+        """The number of real class labels of a class-conditional model (the null class is this index)."""
+        c = self.config.conditioning
+        if c.crossattn == "class":
+            return int(c.num_classes)
+        return int(self.config.unet.num_classes) if c.class_label else None
 
     def frozen(self):
         out = {"first_stage": self.first_stage.params}
@@ -185,12 +211,13 @@ class LDMTask:
                 gone = jax.random.bernoulli(keys[0], p, (b,))
                 tokens = jnp.where(gone[:, None], self.null_tokens(b), tokens)
             out["tokens"] = tokens
-        if c.class_label:
+        if c.class_label or c.crossattn == "class":
             y = batch["label"].astype(jnp.int32)
             p = float(c.dropout.get("class_label", 0.0))
             if drop and p > 0:
-                y = jnp.where(jax.random.bernoulli(keys[1], p, (b,)), int(self.config.unet.num_classes), y)
-            out["y"] = y
+                y = jnp.where(jax.random.bernoulli(keys[1], p, (b,)), self.num_classes, y)
+            # 'y' goes to the UNet's time embedding, 'class' through the class embedder to cross-attention.
+            out["y" if c.class_label else "class"] = y
         if c.concat == "lowres":
             out["spatial"] = batch["lowres"]
         elif c.concat == "inpaint":
@@ -219,6 +246,8 @@ class LDMTask:
             else:
                 out["context"] = self.cond_module.apply({"params": cond_params}, raw["tokens"],
                                                         method="encode_layout")
+        if "class" in raw:
+            out["context"] = self.cond_module.apply({"params": cond_params}, raw["class"], method="encode_class")
         if "y" in raw:
             out["y"] = raw["y"]
         if "spatial" in raw:
@@ -247,7 +276,8 @@ class LDMTask:
         tok = raw.get("tokens")
         is_layout = self.config.conditioning.crossattn == "layout"
         cond_vars = self.cond_module.init(r_cond, tokens=None if is_layout else tok,
-                                          layout=tok if is_layout else None, spatial=raw.get("spatial"), size=lat)
+                                          layout=tok if is_layout else None, labels=raw.get("class"),
+                                          spatial=raw.get("spatial"), size=lat)
         cond_params = cond_vars.get("params", {})
         inputs = self.unet_inputs(cond_params, frozen, raw, lat)
         z = jnp.zeros((1,) + tuple(lat) + (self.first_stage.latent_channels,), jnp.float32)
@@ -317,7 +347,7 @@ class LDMTask:
         cond = self.unet_inputs(model_params["cond"], frozen, raw_cond, latent_hw)
         uncond = self.unet_inputs(model_params["cond"], frozen, raw_uncond, latent_hw)
         apply = lambda x, t, inputs: self.apply_unet(model_params["unet"], x, t, inputs)
-        guided = "tokens" in raw_cond or "y" in raw_cond
+        guided = any(k in raw_cond for k in ("tokens", "y", "class"))
         return cfg_model_fn(apply, cond, uncond, scale if guided else 1.0)
 
     def null_conditions(self, raw):
@@ -326,8 +356,9 @@ class LDMTask:
         out = dict(raw)
         if "tokens" in raw:
             out["tokens"] = self.null_tokens(b)
-        if "y" in raw:
-            out["y"] = jnp.full((b,), int(self.config.unet.num_classes), jnp.int32)
+        for key in ("y", "class"):
+            if key in raw:
+                out[key] = jnp.full((b,), self.num_classes, jnp.int32)
         return out
 
     def run_sampler(self, model_fn, x_T, *, sampler="ddim", steps=50, eta=0.0, ddim_noise=None, start_step=0,
