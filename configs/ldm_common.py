@@ -9,7 +9,8 @@ from configs import autoencoder_kl, autoencoder_vq, common
 def unet(*, in_channels, out_channels, model_channels, channel_mult, attention_resolutions, num_res_blocks=2,
          num_heads=-1, num_head_channels=-1, transformer_depth=1, context_dim=None, num_classes=None,
          dropout=0.0, use_linear_in_transformer=False, use_scale_shift_norm=False, legacy=True,
-         dtype="float32", remat=False):
+         use_spatial_transformer=True, resblock_updown=False, dtype="float32", remat=False):
+    """UNet fields; use_spatial_transformer=False gives CompVis' AttentionBlock (no cross-attention)."""
     return ml_collections.ConfigDict(dict(
         in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
         channel_mult=tuple(channel_mult), attention_resolutions=tuple(attention_resolutions),
@@ -18,8 +19,8 @@ def unet(*, in_channels, out_channels, model_channels, channel_mult, attention_r
         context_dim=ml_collections.FieldReference(context_dim, field_type=int),
         num_classes=ml_collections.FieldReference(num_classes, field_type=int),
         dropout=dropout, use_linear_in_transformer=use_linear_in_transformer,
-        use_scale_shift_norm=use_scale_shift_norm, legacy=legacy, dtype=dtype, param_dtype="float32",
-        remat=remat))
+        use_scale_shift_norm=use_scale_shift_norm, legacy=legacy, use_spatial_transformer=use_spatial_transformer,
+        resblock_updown=resblock_updown, dtype=dtype, param_dtype="float32", remat=remat))
 
 
 def first_stage(kind: str, f: int, *, tiny: bool = False, scale_factor: float = 0.0, workdir: str = ""):

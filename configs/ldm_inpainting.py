@@ -3,7 +3,8 @@
   --config=configs/ldm_inpainting.py       z 64x64x3 (VQ f=4, 8192 codes); the latents of the masked
                                            image and the mask (resized to 64x64) are concatenated to the
                                            noisy latents (in_channels 3+3+1); 128 channels, mult 1,4,8,
-                                           self-attention in the middle block, 1 head; batch 128,
+                                           self-attention (CompVis AttentionBlock) in the middle block,
+                                           1 head (UNet 215M parameters, as Table 15); batch 128,
                                            lr 1e-6 (as Table 15 prints it), 360k steps.
   --config=configs/ldm_inpainting.py:tiny  inpainting 64x64 shapes on a CPU, with random box and stroke
                                            masks; needs a tiny VQ stage-1 run (configs/autoencoder_vq.py:tiny)
@@ -21,7 +22,7 @@ def get_config(arg=None):
     if a["tiny"]:
         c = ldm_common.tiny_task("vq")
         z = c.first_stage.model.embed_dim
-        c.unet = ldm_common.tiny_unet(2 * z + 1, z)
+        c.unet = ldm_common.tiny_unet(2 * z + 1, z, use_spatial_transformer=False)
         c.conditioning = ldm_common.conditioning(concat="inpaint")
         return c
     c = ldm_common.base(lr=1e-6, batch_size=128, num_train_steps=360_000, tiny=False)
@@ -32,6 +33,6 @@ def get_config(arg=None):
     c.first_stage = ldm_common.first_stage("vq", 4)
     # Table 15 lists no attention resolutions for the concat models: only the middle block attends.
     c.unet = ldm_common.unet(in_channels=7, out_channels=3, model_channels=128, channel_mult=(1, 4, 8),
-                             attention_resolutions=(), num_res_blocks=2, num_heads=1)
+                             attention_resolutions=(), num_res_blocks=2, num_heads=1, use_spatial_transformer=False)
     c.conditioning = ldm_common.conditioning(concat="inpaint")
     return c

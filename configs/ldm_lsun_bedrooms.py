@@ -1,7 +1,7 @@
 """Unconditional LDM-VQ-4 on LSUN-Bedrooms at 256x256 (paper Table 12, fourth column).
 
   --config=configs/ldm_lsun_bedrooms.py       z 64x64x3 (VQ f=4, 8192 codes), 224 channels, mult 1,2,3,4,
-                                              attention at 32,16,8, 32 channels per head; batch 48,
+                                              self-attention at 32,16,8, 32 channels per head; batch 48,
                                               lr 9.6e-5, 1.9M steps.
   --config=configs/ldm_lsun_bedrooms.py:tiny  unconditional 64x64 shapes on a CPU; needs a tiny VQ stage-1
                                               run (configs/autoencoder_vq.py:tiny) in
@@ -17,7 +17,7 @@ def get_config(arg=None):
     if a["tiny"]:
         c = ldm_common.tiny_task("vq")
         z = c.first_stage.model.embed_dim
-        c.unet = ldm_common.tiny_unet(z, z)
+        c.unet = ldm_common.tiny_unet(z, z, use_spatial_transformer=False)
         return c
     c = ldm_common.base(lr=9.6e-5, batch_size=48, num_train_steps=1_900_000, tiny=False)
     c.dataset_hint = "LSUN bedrooms (TFDS lsun/bedroom) with an 'image' feature"

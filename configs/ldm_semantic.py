@@ -3,8 +3,9 @@
   --config=configs/ldm_semantic.py       z 32x32x4 (VQ f=8, 16384 codes); the one-hot segmentation
                                          (182 COCO-Stuff classes) is resized to the latent grid, mapped to
                                          3 channels by a learned 1x1 conv and concatenated to the latents
-                                         (in_channels 4+3); 128 channels, mult 1,4,8, self-attention in the
-                                         middle block, 8 heads; batch 48, lr 4.8e-5, 360k steps. Trained at
+                                         (in_channels 4+3); 128 channels, mult 1,4,8, self-attention (CompVis
+                                         AttentionBlock) in the middle block, 8 heads (UNet 215M parameters,
+                                         as Table 15); batch 48, lr 4.8e-5, 360k steps. Trained at
                                          256x256; samples at larger sizes convolutionally.
   --config=configs/ldm_semantic.py:tiny  64x64 shapes from their segmentation maps (31 values: background
                                          and 30 classes) on a CPU; needs a tiny VQ stage-1 run
@@ -23,7 +24,7 @@ def get_config(arg=None):
     if a["tiny"]:
         c = ldm_common.tiny_task("vq", keys=("segmentation",))
         z = c.first_stage.model.embed_dim
-        c.unet = ldm_common.tiny_unet(z + 3, z)
+        c.unet = ldm_common.tiny_unet(z + 3, z, use_spatial_transformer=False)
         c.conditioning = ldm_common.conditioning(concat="segmentation")
         c.conditioning.update(segmentation_classes=31, concat_channels=3)
         return c
@@ -35,7 +36,7 @@ def get_config(arg=None):
     c.diffusion = ldm_common.compvis_diffusion(beta_end=0.0205)
     c.first_stage = ldm_common.first_stage("vq", 8)
     c.unet = ldm_common.unet(in_channels=7, out_channels=4, model_channels=128, channel_mult=(1, 4, 8),
-                             attention_resolutions=(), num_res_blocks=2, num_heads=8)
+                             attention_resolutions=(), num_res_blocks=2, num_heads=8, use_spatial_transformer=False)
     c.conditioning = ldm_common.conditioning(concat="segmentation")
     c.conditioning.update(segmentation_classes=182, concat_channels=3)
     return c

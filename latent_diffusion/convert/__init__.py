@@ -10,6 +10,7 @@ _DIFFUSERS = {
     "AutoencoderKL": "autoencoder",
     "VQModel": "autoencoder",
     "UNet2DConditionModel": "unet",
+    "UNet2DModel": "unet",
 }
 _TRANSFORMERS = {
     "CLIPTextModel": "clip",
@@ -25,7 +26,7 @@ def _module(name: str):
 
 
 def from_diffusers(model_config: Mapping[str, Any], state_dict: Any):
-    """(module, params) for a diffusers `AutoencoderKL`, `VQModel` or `UNet2DConditionModel`.
+    """(module, params) for a diffusers `AutoencoderKL`, `VQModel`, `UNet2DConditionModel` or `UNet2DModel`.
 
     `model_config` is the model's config.json as diffusers writes it (with `_class_name`);
     `state_dict` maps names to torch tensors or numpy arrays (or is a path to a checkpoint file).

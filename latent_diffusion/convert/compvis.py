@@ -2,7 +2,7 @@
 
 A full LDM checkpoint holds several components under their own prefixes; each has a loader in
 `_COMPONENTS`: the first stage ('first_stage_model.'), the UNet ('model.diffusion_model.') and the
-text encoder ('cond_stage_model.'). A first-stage-only checkpoint (as trained by
+text encoder or class embedder ('cond_stage_model.'). A first-stage-only checkpoint (as trained by
 `ldm/models/autoencoder.py`) has the autoencoder keys at the top level.
 """
 from __future__ import annotations
@@ -168,12 +168,12 @@ _LDM_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_c
                 "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                 "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "scale_factor", "lvlb_weights")
 # CompVis UNetModel arguments that are not fields of ours (they change nothing we compute, or are checked).
-_UNET_DROP = ("image_size", "use_checkpoint", "use_fp16", "use_spatial_transformer", "num_heads_upsample",
-              "use_new_attention_order", "n_embed", "disable_self_attentions", "num_attention_blocks",
-              "disable_middle_self_attn", "spatial_transformer_attn_type", "adm_in_channels")
+_UNET_DROP = ("image_size", "use_checkpoint", "use_fp16", "num_heads_upsample", "use_new_attention_order",
+              "n_embed", "disable_self_attentions", "num_attention_blocks", "disable_middle_self_attn",
+              "spatial_transformer_attn_type", "adm_in_channels")
 
 
-def _unet_kwargs(config: Any, sd: Mapping[str, Any]) -> dict:
+def _unet_yaml(config: Any) -> dict:
     cfg = _plain(config)
     if "model" in cfg:
         cfg = _plain(cfg["model"])
@@ -181,10 +181,17 @@ def _unet_kwargs(config: Any, sd: Mapping[str, Any]) -> dict:
     if unet_cfg is None:
         raise ValueError("from_compvis: a checkpoint with a UNet needs its yaml config (as a dict) with "
                          "model.params.unet_config.params; pass config=yaml.safe_load(open('v1-inference.yaml'))")
-    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in _plain(unet_cfg).items()}
-    if kw.get("use_spatial_transformer") is False and kw.get("attention_resolutions"):
-        raise NotImplementedError("CompVis UNets with use_spatial_transformer=False (AttentionBlock) are not "
-                                  "supported; only SpatialTransformer checkpoints load")
+    return _plain(unet_cfg)
+
+
+def _unet_kwargs(config: Any, sd: Mapping[str, Any]) -> dict:
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in _unet_yaml(config).items()}
+    # The reference's default is the AttentionBlock; the yaml names the transformer where it is used.
+    kw["use_spatial_transformer"] = bool(kw.get("use_spatial_transformer", False))
+    if (not kw["use_spatial_transformer"] and kw.get("num_head_channels", -1) == -1
+            and kw.get("num_heads_upsample", -1) not in (-1, kw.get("num_heads", -1))):
+        raise ValueError(f"from_compvis: num_heads_upsample={kw['num_heads_upsample']} differs from num_heads="
+                         f"{kw.get('num_heads')}; decoder AttentionBlocks with their own head count are not supported")
     if kw.get("use_checkpoint"):
         kw["remat"] = True
     for key in _UNET_DROP:
@@ -197,7 +204,8 @@ def _unet_kwargs(config: Any, sd: Mapping[str, Any]) -> dict:
 
 def unet_from_compvis(state_dict: Mapping[str, Any], config: Any = None):
     from latent_diffusion.convert.unet import unet_from_compvis_state_dict
-    return unet_from_compvis_state_dict(state_dict, _unet_kwargs(config, state_dict))
+    return unet_from_compvis_state_dict(state_dict, _unet_kwargs(config, state_dict),
+                                        new_attention_order=bool(_unet_yaml(config).get("use_new_attention_order")))
 
 
 def text_encoder_from_compvis(state_dict: Mapping[str, Any], config: Any = None):
@@ -208,6 +216,23 @@ def text_encoder_from_compvis(state_dict: Mapping[str, Any], config: Any = None)
     if any(k.startswith(COND_PREFIX + "transformer.attn_layers.") for k in state_dict):
         return clip.bert_embedder_from_compvis(state_dict)
     return clip.clip_text_from_compvis(state_dict)
+
+
+CLASS_EMBED_KEY = COND_PREFIX + "embedding.weight"
+
+
+def class_embedder_from_compvis(state_dict: Mapping[str, Any], config: Any = None):
+    """CompVis `ClassEmbedder` (cin256-v2: a (1001, 512) table whose last row is the null class).
+
+    Its params go to `params['model']['cond']['class_embedder']` of a crossattn='class' LDM.
+    """
+    from latent_diffusion.models.conditioning import ClassEmbedder
+    table = StateDict(state_dict, COND_PREFIX, what="CompVis ClassEmbedder").take("embedding.weight")
+    return ClassEmbedder(num_classes=table.shape[0] - 1, features=table.shape[1]), {"embedding": table}
+
+
+def _has_class_embedder(sd: Mapping[str, Any]) -> bool:
+    return CLASS_EMBED_KEY in sd
 
 
 def _has_unet(sd: Mapping[str, Any]) -> bool:
@@ -222,6 +247,7 @@ _COMPONENTS = (
     ("first_stage", _has_first_stage, first_stage_from_compvis),
     ("unet", _has_unet, unet_from_compvis),
     ("text_encoder", _has_text_encoder, text_encoder_from_compvis),
+    ("class_embedder", _has_class_embedder, class_embedder_from_compvis),
 )
 
 
@@ -236,8 +262,9 @@ def _unknown_keys(sd: Mapping[str, Any]) -> list[str]:
 def from_compvis(path_or_state_dict: Any, config: Any = None) -> dict[str, tuple[Any, dict]]:
     """{component: (module, params)} for every component of a CompVis checkpoint.
 
-    Components: 'first_stage' (autoencoder), 'unet' (needs the yaml config as a dict) and
-    'text_encoder' (SD v1 CLIP, SD v2 OpenCLIP or the LDM BERTEmbedder). `config` is the CompVis
+    Components: 'first_stage' (autoencoder), 'unet' (needs the yaml config as a dict),
+    'text_encoder' (SD v1 CLIP, SD v2 OpenCLIP or the LDM BERTEmbedder) and 'class_embedder'
+    (the ImageNet model's class table). `config` is the CompVis
     yaml as a dict (full LDM or first-stage), a flat first-stage dict with 'kind' ('kl'/'vq') plus
     ddconfig fields and embed_dim (n_embed for VQ), or None for a first-stage-only checkpoint
     (its architecture is read off the weights). Keys that belong to no component raise, by name;

@@ -1,4 +1,5 @@
-"""Cross-attention transformer of the LDM UNet (CompVis `ldm/modules/attention.py` SpatialTransformer).
+"""Attention layers of the LDM UNet: the cross-attention SpatialTransformer (CompVis
+`ldm/modules/attention.py`) and the plain self-attention AttentionBlock (`openaimodel.py`).
 
 Images are NHWC. Norms and the attention softmax run in float32; matmuls in `dtype`.
 """
@@ -116,3 +117,33 @@ class SpatialTransformer(nn.Module):
                                       name=f"blocks_{i}")(h, context, deterministic)
         h = nn.Dense(ch, kernel_init=nn.initializers.zeros, **kw, name="proj_out")(h)
         return x + h.reshape(b, hgt, wid, ch)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the H*W positions (CompVis `openaimodel.AttentionBlock`), residual.
+
+    GroupNorm(32) in float32, q/k/v projections with bias, `heads` heads of width C // heads,
+    zero-initialised output projection. The reference computes q, k and v with one fused 1x1
+    conv whose channel order depends on its attention variant; here they are separate, and the
+    converters split the fused weight in the checkpoint's order.
+    """
+    heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, hgt, wid, ch = x.shape
+        if ch % self.heads:
+            raise ValueError(f"AttentionBlock: {ch} channels do not split into {self.heads} heads")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=jnp.float32, param_dtype=self.param_dtype,
+                         use_fast_variance=False, name="norm")(x).astype(self.dtype)
+        h = h.reshape(b, hgt * wid, ch)
+
+        def proj(name):
+            return nn.Dense(ch, **kw, name=name)(h).reshape(b, hgt * wid, self.heads, ch // self.heads)
+
+        out = jax.nn.dot_product_attention(proj("to_q"), proj("to_k"), proj("to_v"))
+        out = nn.Dense(ch, kernel_init=nn.initializers.zeros, **kw, name="to_out")(out.reshape(b, hgt * wid, ch))
+        return x + out.reshape(b, hgt, wid, ch)

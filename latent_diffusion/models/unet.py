@@ -1,9 +1,11 @@
-"""The LDM time-conditional UNet with cross-attention (CompVis `openaimodel.UNetModel`), NHWC.
+"""The LDM time-conditional UNet (CompVis `openaimodel.UNetModel`), NHWC.
 
-Layout follows the reference: `num_res_blocks` ResBlocks per level (each followed by a
-SpatialTransformer when the level's downsample factor is in `attention_resolutions`), a
-stride-2 conv between levels, a ResBlock-transformer-ResBlock middle, and a mirrored decoder
-with `num_res_blocks + 1` ResBlocks per level fed by skip connections.
+Layout follows the reference: `num_res_blocks` ResBlocks per level (each followed by an
+attention layer when the level's downsample factor is in `attention_resolutions`), a
+stride-2 conv (or a downsampling ResBlock) between levels, a ResBlock-attention-ResBlock middle,
+and a mirrored decoder with `num_res_blocks + 1` ResBlocks per level fed by skip connections.
+The attention layer is a cross-attention SpatialTransformer (text/layout/class models) or the
+plain self-attention AttentionBlock (the paper's unconditional and concat-conditioned models).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from latent_diffusion.models.attention import SpatialTransformer
+from latent_diffusion.models.attention import AttentionBlock, SpatialTransformer
 
 Dtype = Any
 
@@ -42,11 +44,27 @@ def _conv(features: int, name: str, dtype, param_dtype, *, kernel: int = 3, stri
                    dtype=dtype, param_dtype=param_dtype, name=name, **extra)
 
 
+def _resample(x, kind: Optional[str]):
+    """2x2 average pooling ('down'), nearest-neighbour x2 ('up'), or nothing (None)."""
+    if kind == "down":
+        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+    if kind == "up":
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    if kind is not None:
+        raise ValueError(f"ResBlock: resample must be None, 'up' or 'down', got {kind!r}")
+    return x
+
+
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, add (or scale-shift by) the embedding, GroupNorm-SiLU-dropout-zero conv, skip."""
+    """GroupNorm-SiLU-conv, add (or scale-shift by) the embedding, GroupNorm-SiLU-dropout-zero conv, skip.
+
+    With `resample` ('up' / 'down') both the branch, between its first SiLU and conv, and the skip
+    are resampled, as the reference's `resblock_updown` blocks do.
+    """
     out_channels: int
     dropout: float = 0.0
     use_scale_shift_norm: bool = False
+    resample: Optional[str] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -54,6 +72,7 @@ class ResBlock(nn.Module):
     def __call__(self, x, emb, deterministic: bool = True):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.silu(_group_norm("in_norm", self.param_dtype)(x)).astype(self.dtype)
+        h, x = _resample(h, self.resample), _resample(x, self.resample)
         h = _conv(self.out_channels, "in_conv", **kw)(h)
         n_emb = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
         e = nn.Dense(n_emb, **kw, name="emb_proj")(nn.silu(emb))[:, None, None, :]
@@ -86,8 +105,12 @@ class UNet(nn.Module):
 
     Heads: exactly one of `num_heads` (same count at every level) and `num_head_channels`
     (count = channels // num_head_channels) is set. With `legacy`, as in the reference, the
-    head width is then channels // heads; otherwise it is num_head_channels.
-    The output is float32 whatever the compute dtype.
+    transformer's head width is then channels // heads; otherwise it is num_head_channels.
+    The AttentionBlock's heads are always channels // heads wide.
+
+    `use_spatial_transformer=False` puts the reference's AttentionBlock (self-attention only, no
+    context) at every attention level and in the middle block; `resblock_updown` resamples with
+    ResBlocks instead of convs. The output is float32 whatever the compute dtype.
     """
     in_channels: int
     model_channels: int
@@ -100,6 +123,7 @@ class UNet(nn.Module):
     num_head_channels: int = -1
     use_scale_shift_norm: bool = False
     resblock_updown: bool = False
+    use_spatial_transformer: bool = True
     transformer_depth: int = 1
     context_dim: Optional[int] = None
     use_linear_in_transformer: bool = False
@@ -111,7 +135,7 @@ class UNet(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def heads_for(self, ch: int) -> tuple[int, int]:
-        """(heads, dim_head) of the transformer at a level with `ch` channels (the reference's rule)."""
+        """(heads, dim_head) of the attention at a level with `ch` channels (the reference's rule)."""
         if (self.num_heads == -1) == (self.num_head_channels == -1):
             raise ValueError("UNet: set exactly one of num_heads and num_head_channels (the other -1); "
                              f"got num_heads={self.num_heads}, num_head_channels={self.num_head_channels}")
@@ -127,9 +151,9 @@ class UNet(nn.Module):
         return heads, dim_head
 
     def _check(self, x, context, y):
-        if self.resblock_updown:
-            raise NotImplementedError("UNet: resblock_updown=True (ResBlock up/downsampling) is not "
-                                      "implemented; use resblock_updown=False (conv resampling)")
+        if not self.use_spatial_transformer and (self.context_dim is not None or context is not None):
+            raise ValueError("UNet: use_spatial_transformer=False (AttentionBlock) has no cross-attention; "
+                             "set context_dim=None and pass no context, or use the spatial transformer")
         if self.num_classes is not None and self.adm_in_channels is not None:
             raise ValueError("UNet: set at most one of num_classes (labels) and adm_in_channels (vectors)")
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
@@ -156,12 +180,19 @@ class UNet(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
         attn_cls = nn.remat(SpatialTransformer, static_argnums=(3,)) if self.remat else SpatialTransformer
+        block_cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
 
-        def res(name, ch, h):
-            return res_cls(ch, self.dropout, self.use_scale_shift_norm, **kw, name=name)(h, emb, deterministic)
+        def res(name, ch, h, resample=None):
+            return res_cls(ch, self.dropout, self.use_scale_shift_norm, resample, **kw,
+                           name=name)(h, emb, deterministic)
 
         def attn(name, ch, h):
             heads, dim_head = self.heads_for(ch)
+            if not self.use_spatial_transformer:
+                if self.num_head_channels != -1 and ch % self.num_head_channels:
+                    raise ValueError(f"UNet: {ch} channels are not a multiple of num_head_channels="
+                                     f"{self.num_head_channels} (the AttentionBlock needs whole heads)")
+                return block_cls(heads, **kw, name=name)(h)
             return attn_cls(heads, dim_head, self.transformer_depth, self.dropout,
                             self.use_linear_in_transformer, **kw, name=name)(h, context, deterministic)
 
@@ -188,7 +219,8 @@ class UNet(nn.Module):
                     h = attn(f"down_{level}_attn_{i}", ch, h)
                 skips.append(h)
             if level != last:
-                h = _conv(ch, f"down_{level}_downsample", **kw, stride=2)(h)
+                name = f"down_{level}_downsample"
+                h = res(name, ch, h, "down") if self.resblock_updown else _conv(ch, name, **kw, stride=2)(h)
                 skips.append(h)
                 ds *= 2
 
@@ -204,8 +236,8 @@ class UNet(nn.Module):
                 if ds in self.attention_resolutions:
                     h = attn(f"up_{level}_attn_{i}", ch, h)
             if level:
-                h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
-                h = _conv(ch, f"up_{level}_upsample", **kw)(h)
+                name = f"up_{level}_upsample"
+                h = res(name, ch, h, "up") if self.resblock_updown else _conv(ch, name, **kw)(_resample(h, "up"))
                 ds //= 2
 
         h = nn.silu(_group_norm("out_norm", self.param_dtype)(h)).astype(self.dtype)

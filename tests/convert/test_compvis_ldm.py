@@ -83,3 +83,15 @@ def test_unknown_and_missing_keys_are_named(checkpoint):
 def test_unet_needs_the_yaml(checkpoint):
     with pytest.raises(ValueError, match="unet_config"):
         from_compvis(checkpoint[0], None)
+
+
+def test_class_embedder_of_the_imagenet_model():
+    # cin256-v2 keeps its label table at cond_stage_model.embedding.weight (last row: null class).
+    emb = torch.nn.Embedding(11, 8)
+    sd = {"cond_stage_model.embedding.weight": emb.weight.detach()}
+    module, params = from_compvis(sd)["class_embedder"]
+    assert (module.num_classes, module.features) == (10, 8)
+    labels = torch.tensor([0, 3, 10])
+    ours = module.apply({"params": params}, labels.numpy())
+    assert ours.shape == (3, 1, 8)
+    np.testing.assert_array_equal(np.asarray(ours)[:, 0], emb(labels).detach().numpy())

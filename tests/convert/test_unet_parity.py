@@ -32,7 +32,11 @@ ADM = dict(SD1, class_embed_type="projection", projection_class_embeddings_input
 def randomized_unet(cfg, seed=0):
     """A diffusers UNet with every parameter random (zero-init layers would hide mapping bugs)."""
     torch.manual_seed(seed)
-    model = diffusers.UNet2DConditionModel(**cfg).eval()
+    return randomize(diffusers.UNet2DConditionModel(**cfg).eval())
+
+
+def randomize(model):
+    """Every parameter of a torch model random, norms' affine params around (1, 0); in place."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1 and "norm" in name:  # non-trivial affine norms

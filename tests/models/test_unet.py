@@ -109,7 +109,8 @@ def test_scalar_timestep_and_no_context_model():
 
 @pytest.mark.parametrize("change, call, error", [
     (dict(num_head_channels=8), {}, ValueError),                  # both head options set
-    (dict(resblock_updown=True), {}, NotImplementedError),
+    (dict(use_spatial_transformer=False), {}, ValueError),         # AttentionBlock has no cross-attention
+    (dict(use_spatial_transformer=False, context_dim=None), {}, ValueError),  # ... so no context either
     ({}, dict(context=None), ValueError),                          # context required
     ({}, dict(y=jnp.array([0, 1])), ValueError),                   # y for an unconditional model
 ])
@@ -119,6 +120,24 @@ def test_errors(change, call, error):
     kwargs = {"context": ctx, **call}
     with pytest.raises(error):
         jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x, t, **kwargs))
+
+
+def test_attention_block_and_resblock_resampling():
+    """use_spatial_transformer=False / resblock_updown=True: param layout, zero output at init, shapes."""
+    module = UNet(**{**TINY, "context_dim": None, "use_spatial_transformer": False, "resblock_updown": True,
+                     "use_scale_shift_norm": True})
+    x, t, _ = tiny_inputs()
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x, t))["params"]
+    assert set(shapes["mid_attn"]) == {"norm", "to_q", "to_k", "to_v", "to_out"}
+    assert shapes["down_1_attn_0"]["to_q"]["kernel"].shape == (64, 64)
+    for name in ("down_0_downsample", "up_1_upsample"):  # ResBlocks without a skip conv
+        assert set(shapes[name]) == {"in_norm", "in_conv", "emb_proj", "out_norm", "out_conv"}
+    params = jax.jit(module.init)(jax.random.key(0, impl="rbg"), x, t)["params"]
+    assert not np.any(np.asarray(params["mid_attn"]["to_out"]["kernel"]))  # zero-initialised, as the reference
+    apply = jax.jit(module.apply)
+    assert np.all(np.asarray(apply({"params": params}, x, t)) == 0)
+    out = apply({"params": random_params(module, x, t)}, x, t)
+    assert out.shape == (2, 8, 8, 6) and np.abs(np.asarray(out)).max() > 1e-3
 
 
 def test_sd15_parameter_count():
@@ -143,3 +162,18 @@ def test_sd2_parameter_count_matches_diffusers():
     assert module.num_head_channels == 64
     count = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(abstract_params(module)))
     assert count == ref == 865_910_724
+
+
+@pytest.mark.parametrize("spec, paper", [
+    ("ldm_celebahq", 274e6), ("ldm_lsun_bedrooms", 274e6), ("ldm_lsun_churches", 294e6),
+    ("ldm_inpainting", 215e6), ("ldm_semantic", 215e6),
+    ("ldm_sr", 169e6 - 55_322_782),  # Table 15's 169M includes the VQ-f4 first stage
+])
+def test_paper_configs_parameter_counts(spec, paper):
+    """The AttentionBlock configs' UNets have the paper's sizes (Tables 12 and 15), counted without allocating."""
+    import importlib
+    from latent_diffusion.models import build
+    module = build.unet(importlib.import_module(f"configs.{spec}").get_config(None).unet)
+    assert not module.use_spatial_transformer
+    count = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(abstract_params(module)))
+    assert abs(count - paper) <= 0.005 * paper, count
