@@ -77,6 +77,14 @@ def base(*, lr: float, batch_size: int, num_train_steps: int, tiny: bool):
         c.eval_batch_size, c.num_eval_batches = batch_size, 10
         c.log_every, c.eval_every, c.checkpoint.every = 100, 10_000, 5_000
         c.data = common.data(name="", resolution=256, random_crop=False)
+    # Fine-tuning: a fresh run starts from imported weights (ignored when a run resumes its own checkpoint).
+    c.init = ml_collections.ConfigDict(dict(
+        checkpoint="",  # a CompVis / Stable Diffusion .ckpt or .safetensors (needs compvis_config)
+        compvis_config="",  # that checkpoint's yaml (e.g. v1-inference.yaml): the UNet's architecture
+        diffusers_unet="",  # a diffusers UNet folder (config.json + diffusion_pytorch_model.*)
+        workdir="",  # another LDM run of ours
+        use_ema=True,  # the source's EMA weights where it has them
+        allow_new_input_channels=False))  # zero-init extra unet conv_in input channels (inpainting)
     return c
 
 

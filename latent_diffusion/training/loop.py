@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latent_diffusion.training import checkpointing, partitioning
+from latent_diffusion.training import checkpointing, init_from, partitioning
 from latent_diffusion.training.state import tree_all_finite
 
 log = logging.getLogger(__name__)
@@ -132,9 +132,11 @@ def train_and_evaluate(config, workdir: str, devices=None) -> RunResult:
         state, _, _ = checkpointing.restore(manager, checkpointing.abstract_like(abstract, shardings),
                                             data_iterator=train_iter)
         peeked = None  # the restored iterator is positioned after the checkpointed step's batch
-        log.info("resumed from step %d in %s", resumed_from, workdir)
+        ignored = " (config.init is ignored: the run's own checkpoint wins)" if init_from.init_config(config)[1] else ""
+        log.info("resumed from step %d in %s%s", resumed_from, workdir, ignored)
     else:
         state = jax.jit(task.init, out_shardings=shardings)(init_rng, batch, frozen)
+        state = init_from.apply(config, task, state)  # fine-tuning: imported weights, fresh starts only
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     log.info("trainable parameters: %s", f"{n_params:,}")
 
