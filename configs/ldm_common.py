@@ -77,6 +77,7 @@ def base(*, lr: float, batch_size: int, num_train_steps: int, tiny: bool):
         c.eval_batch_size, c.num_eval_batches = batch_size, 10
         c.log_every, c.eval_every, c.checkpoint.every = 100, 10_000, 5_000
         c.data = common.data(name="", resolution=256, random_crop=False)
+    c.data.latents_dir = ""  # or a folder from scripts/precompute_latents.py: train on stored latents
     # Fine-tuning: a fresh run starts from imported weights (ignored when a run resumes its own checkpoint).
     c.init = ml_collections.ConfigDict(dict(
         checkpoint="",  # a CompVis / Stable Diffusion .ckpt or .safetensors (needs compvis_config)

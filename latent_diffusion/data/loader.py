@@ -15,6 +15,9 @@ Batches are host-local: a leading dim of global_batch_size // process_count.
 The returned iterator is a grain DatasetIterator: get_state()/set_state() and
 grain.checkpoint.CheckpointSave/CheckpointRestore resume it exactly, and its
 `skipped` attribute counts the corrupt records dropped so far.
+
+With data.latents_dir set, batches come from stored first-stage latents instead (see
+latents.py): the same examples and flips, with 'z_mean'/'z_std' (or 'z') in place of 'image'.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ DATA_DEFAULTS = dict(
     eval_split='test',
     num_threads=8,  # decode threads per process
     prefetch_buffer_size=64,  # decoded elements kept ahead of the batcher
+    latents_dir='',  # '': decode images; else first-stage latents from scripts/precompute_latents.py
 )
 
 
@@ -175,10 +179,13 @@ class _Decoder:
         return padded
 
     def __call__(self, record: dict, rng: np.random.Generator) -> dict:
-        cfg = self.cfg
         # Draw both numbers every time so the random stream does not depend on settings.
         crop_rng = np.random.default_rng(rng.integers(2**63))
-        flip = bool(rng.random() < 0.5) and cfg['random_flip']
+        flip = bool(rng.random() < 0.5) and self.cfg['random_flip']
+        return self.decode(record, flip, crop_rng)
+
+    def decode(self, record: dict, flip: bool, crop_rng: np.random.Generator | None = None) -> dict:
+        cfg = self.cfg
         try:
             image = _decode_image(record[cfg['image_key']], rgb=True)
             plan = None
@@ -343,8 +350,34 @@ def make_dataset(
             f'global_batch_size {global_batch_size} must be divisible by the '
             f'number of processes {process_count}'
         )
-    local_batch = global_batch_size // process_count
     cfg = _settings(data_cfg)
+    if cfg['latents_dir']:
+        from latent_diffusion.data import latents  # pylint: disable=g-import-not-at-top
+
+        return latents.make_dataset(cfg, split, global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
+                                    num_epochs=num_epochs, extra_transforms=extra_transforms,
+                                    process_index=process_index, process_count=process_count)
+    builder, features, source = open_source(cfg, split)
+    ds = grain.MapDataset.source(source)
+    if len(ds) < global_batch_size and (cfg['drop_remainder'] or process_count > 1):
+        raise ValueError(
+            f"split '{split}' of '{builder.name}' has {len(source)} examples, fewer "
+            f'than one global batch of {global_batch_size}'
+        )
+    # Shuffle, repeat and decode in one global order, then give each process its contiguous
+    # slice of every global batch: the global batch, and so training, does not depend on the
+    # number of processes. Per-example randomness is keyed by the global index.
+    ds = ds.seed(seed)
+    if shuffle:
+        ds = ds.shuffle()
+    ds = ds.repeat(num_epochs)
+    ds = ds.random_map(_Decoder(cfg, features))
+    return batched(ds, cfg, builder.name, global_batch_size=global_batch_size, extra_transforms=extra_transforms,
+                   process_index=process_index, process_count=process_count)
+
+
+def open_source(cfg: dict, split: str):
+    """(builder, features, random-access source) of a split; `cfg` as `_settings` returns it."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     builder = _open_builder(cfg)
@@ -370,21 +403,12 @@ def make_dataset(
             'format; re-prepare it with `--file_format=array_record` (or convert it with '
             '`tfds convert_format --out_file_format=array_record`).'
         ) from e
+    return builder, features, source
 
-    ds = grain.MapDataset.source(source)
-    if len(ds) < global_batch_size and (cfg['drop_remainder'] or process_count > 1):
-        raise ValueError(
-            f"split '{split}' of '{builder.name}' has {len(source)} examples, fewer "
-            f'than one global batch of {global_batch_size}'
-        )
-    # Shuffle, repeat and decode in one global order, then give each process its contiguous
-    # slice of every global batch: the global batch, and so training, does not depend on the
-    # number of processes. Per-example randomness is keyed by the global index.
-    ds = ds.seed(seed)
-    if shuffle:
-        ds = ds.shuffle()
-    ds = ds.repeat(num_epochs)
-    ds = ds.random_map(_Decoder(cfg, features))
+
+def batched(ds, cfg: dict, name: str, *, global_batch_size: int, extra_transforms, process_index: int,
+            process_count: int) -> LoaderIterator:
+    """The shared tail of the pipeline: host slice, extra transforms, drop corrupt records, batch."""
     if process_count > 1:
         ds = _HostSlice(ds, global_batch_size, process_index, process_count)
     for transform in extra_transforms:
@@ -393,6 +417,7 @@ def make_dataset(
     read = grain.ReadOptions(
         num_threads=int(cfg['num_threads']), prefetch_buffer_size=int(cfg['prefetch_buffer_size'])
     )
-    it_ds = _DropCorruptDataset(ds.to_iter_dataset(read), builder.name)
-    it_ds = it_ds.batch(local_batch, drop_remainder=bool(cfg['drop_remainder']), batch_fn=_collate)
+    it_ds = _DropCorruptDataset(ds.to_iter_dataset(read), name)
+    it_ds = it_ds.batch(global_batch_size // process_count, drop_remainder=bool(cfg['drop_remainder']),
+                        batch_fn=_collate)
     return LoaderIterator(iter(it_ds))

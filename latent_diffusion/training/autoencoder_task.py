@@ -48,6 +48,9 @@ def image_grid(rows: list[jax.Array], max_images: int = 8) -> np.ndarray:
 
 class AutoencoderTask:
     def __init__(self, config, mesh):
+        if config.data.get("latents_dir"):
+            raise ValueError("data.latents_dir is for latent diffusion runs (stored first-stage latents); an "
+                             "autoencoder trains on images: unset --config.data.latents_dir")
         self.config = config
         self.kind = config.model.kind
         self.model = build.autoencoder(config.model)

@@ -7,6 +7,8 @@ cross-attention context, as in the paper's ImageNet model; or class_label: an em
 the time embedding), or a spatial input concatenated to the latents (low-resolution image,
 masked image + mask, segmentation map). Each condition can be dropped per example for
 classifier-free guidance; a dropped class label becomes the null class (index num_classes).
+With data.latents_dir the batches hold the first stage's stored posterior (scripts/precompute_latents.py)
+and x0 is sampled from it, with the same key, instead of encoding the image every step.
 """
 from __future__ import annotations
 
@@ -46,10 +48,10 @@ class HostConditions:
             out["layout"] = conditioning.layout_tokens(
                 obj["bbox"][None], obj["label"][None], obj["mask"][None], num_classes=cfg.layout.num_classes,
                 bins=cfg.layout.bins, max_objects=cfg.layout.max_objects)[0]
-        image = element[self.image_key]
         if cfg.concat == "lowres":
-            out["lowres"] = preprocess.lowres(image, int(cfg.lowres_factor)).astype(np.float32)
+            out["lowres"] = preprocess.lowres(element[self.image_key], int(cfg.lowres_factor)).astype(np.float32)
         if cfg.concat == "inpaint":
+            image = element[self.image_key]
             out["mask"] = preprocess.random_inpaint_mask(rng, image.shape[0], image.shape[1])
         for key in ("caption", "objects"):
             out.pop(key, None)
@@ -103,6 +105,11 @@ class LDMTask:
             concat_channels=int(c.concat_channels) or None, dtype=dtype)
         self.tx = make_optimizer(config.optim)
         self._check_channels()
+        self.latents_dir = str(config.data.get("latents_dir", "") or "")
+        if self.latents_dir and c.concat in ("lowres", "inpaint"):
+            raise ValueError(f"data.latents_dir is not supported yet for conditioning.concat={c.concat!r} (its "
+                             "condition is computed from the image every step): set --config.data.latents_dir=")
+        self._latents_checked = False
         self._sample_batch = None
         self._sample_fn = None
 
@@ -165,6 +172,21 @@ class LDMTask:
                                  f"conditioning.class_embed_dim={c.class_embed_dim}: set "
                                  f"--config.unet.context_dim={c.class_embed_dim}")
 
+    def _check_latents(self):
+        """Refuses stored latents (config.data.latents_dir) made by another first stage or at another size."""
+        from latent_diffusion.data import latents
+        d = self.config.data
+        identity = latents.first_stage_identity(self.first_stage, self.config.first_stage)
+        for split in dict.fromkeys((d.train_split, d.eval_split)):
+            meta = latents.read_metadata(self.latents_dir, split)
+            where = latents.split_dir(self.latents_dir, split)
+            latents.check_first_stage(meta, identity, where)
+            res = d.get("resolution")
+            want = [res // self.first_stage.downsample] * 2 + [self.first_stage.latent_channels] if res else None
+            if want and list(meta["latent_shape"]) != want:
+                raise ValueError(f"the latents in {where} have shape {meta['latent_shape']}, this run needs {want} "
+                                 f"(data.resolution={res}): precompute them at this resolution")
+
     @property
     def num_classes(self):
         """The number of real class labels of a class-conditional model (the null class is this index)."""
@@ -180,9 +202,36 @@ class LDMTask:
         return out
 
     def host_transforms(self):
+        # Only the training loop asks for loader transforms, so the stored latents are checked here, before
+        # the first batch, and not when sample.py rebuilds the task from a run's config.
+        if self.latents_dir and not self._latents_checked:
+            self._check_latents()
+            self._latents_checked = True
         return (HostConditions(self.config.conditioning, self.tokenizer, "image"),)
 
     # --- conditions -------------------------------------------------------------------------
+    @staticmethod
+    def batch_size_of(batch):
+        return jax.tree.leaves(batch)[0].shape[0]
+
+    def batch_latent_size(self, batch):
+        """The latent grid of a batch of images, or of stored latents (data.latents_dir)."""
+        for key in ("z_mean", "z"):
+            if key in batch:
+                return tuple(batch[key].shape[1:3])
+        return self.latent_size(batch["image"].shape[1:3])
+
+    def latents_of(self, frozen, batch, rng):
+        """Scaled x0 for the diffusion model: encoded from the image, or sampled from stored moments."""
+        fs = self.first_stage
+        if "z_mean" in batch:  # the same draw as DiagonalGaussian.sample with the same key
+            mean = batch["z_mean"].astype(jnp.float32)
+            z = mean + batch["z_std"].astype(jnp.float32) * jax.random.normal(rng, mean.shape, mean.dtype)
+            return z * fs.scale_factor
+        if "z" in batch:
+            return batch["z"].astype(jnp.float32) * fs.scale_factor
+        return fs.encode(frozen["first_stage"], batch["image"], rng)
+
     def latent_size(self, image_hw):
         f = self.first_stage.downsample
         return image_hw[0] // f, image_hw[1] // f
@@ -200,7 +249,7 @@ class LDMTask:
     def raw_conditions(self, batch, frozen, rng, drop: bool):
         """The batch's condition inputs (tokens, labels, concat), with CFG dropout when `drop`."""
         c = self.config.conditioning
-        b = jax.tree.leaves(batch)[0].shape[0]
+        b = self.batch_size_of(batch)
         keys = jax.random.split(rng, 4)
         out = {}
         key = {"text": "tokens", "layout": "layout"}.get(c.crossattn)
@@ -272,7 +321,7 @@ class LDMTask:
         r_unet, r_cond, r_raw = jax.random.split(rng, 3)
         small = jax.tree.map(lambda a: a[:1], batch)
         raw = self.raw_conditions(small, frozen, r_raw, drop=False)
-        lat = self.latent_size(small["image"].shape[1:3])
+        lat = self.batch_latent_size(small)
         tok = raw.get("tokens")
         is_layout = self.config.conditioning.crossattn == "layout"
         cond_vars = self.cond_module.init(r_cond, tokens=None if is_layout else tok,
@@ -291,7 +340,7 @@ class LDMTask:
 
     def _loss_terms(self, params, batch, rng, frozen, t, noise_rng, drop, deterministic):
         r_enc, r_cond, r_drop = jax.random.split(rng, 3)
-        x0 = jax.lax.stop_gradient(self.first_stage.encode(frozen["first_stage"], batch["image"], r_enc))
+        x0 = jax.lax.stop_gradient(self.latents_of(frozen, batch, r_enc))
         raw = self.raw_conditions(batch, frozen, r_cond, drop=drop)
         inputs = self.unet_inputs(params["cond"], frozen, raw, x0.shape[1:3])
         noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
@@ -312,7 +361,7 @@ class LDMTask:
 
     def train_step(self, state, batch, rng, frozen):
         r_t, r_noise, r_rest = jax.random.split(rng, 3)
-        b = batch["image"].shape[0]
+        b = self.batch_size_of(batch)
         t = objectives.sample_timesteps(r_t, b, self.schedule.num_timesteps)
 
         def loss_fn(params):
@@ -333,7 +382,7 @@ class LDMTask:
 
     def eval_step(self, state, batch, rng, frozen):
         """The loss on held-out data at timesteps spread evenly over [0, T)."""
-        b = batch["image"].shape[0]
+        b = self.batch_size_of(batch)
         t = ((jnp.arange(b) + 0.5) * self.schedule.num_timesteps / b).astype(jnp.int32)
         r_noise, r_rest = jax.random.split(rng)
         per = self._loss_terms(self.model_params(state), batch, r_rest, frozen, t, r_noise, drop=False,
@@ -374,8 +423,8 @@ class LDMTask:
 
     def sample(self, model_params, frozen, batch, rng, *, sampler="ddim", steps=50, guidance_scale=1.0):
         """Images (B, H, W, 3) in [-1, 1] for the conditions in `batch` (guidance against the null ones)."""
-        b = batch["image"].shape[0]
-        lat = self.latent_size(batch["image"].shape[1:3])
+        b = self.batch_size_of(batch)
+        lat = self.batch_latent_size(batch)
         raw = self.raw_conditions(batch, frozen, rng, drop=False)
         model_fn = self.guided_model_fn(model_params, frozen, raw, self.null_conditions(raw), lat, guidance_scale)
         x_T = jax.random.normal(rng, (b,) + tuple(lat) + (self.first_stage.latent_channels,))
@@ -386,14 +435,19 @@ class LDMTask:
         s = self.config.sample
         if not s.steps:
             return {}
-        n = min(int(s.num_images), batch["image"].shape[0])
+        n = min(int(s.num_images), self.batch_size_of(batch))
         small = jax.tree.map(lambda a: a[:n], batch)
+        if "image" in small:
+            data = small["image"]
+        else:  # stored latents: show the first stage's reconstruction of the posterior mean
+            z = small["z_mean"] if "z_mean" in small else small["z"]
+            data = jnp.clip(self.first_stage.decode(frozen["first_stage"], z * self.first_stage.scale_factor), -1, 1)
         if self._sample_fn is None:
             self._sample_fn = jax.jit(lambda p, f, bt, r, g: self.sample(p, f, bt, r, sampler=s.sampler,
                                                                          steps=int(s.steps), guidance_scale=g))
         images = self._sample_fn(self.model_params(state), frozen, small, rng, jnp.float32(s.guidance_scale))
         from latent_diffusion.training.autoencoder_task import image_grid
-        return {"data_and_samples": image_grid([small["image"], images])}
+        return {"data_and_samples": image_grid([data, images])}
 
     def checkpoint_meta(self, state, frozen):
         fs = self.first_stage
