@@ -44,6 +44,8 @@ flags.DEFINE_integer("seed", 0, "Job seed; sample i uses fold_in(key(seed), i)."
 flags.DEFINE_integer("batch_size", 0, "Global batch size (default: 8 per device).")
 flags.DEFINE_integer("image_size", 0, "Image size (default: the training resolution).")
 flags.DEFINE_bool("use_ema", True, "Use the EMA weights.")
+flags.DEFINE_enum("attention_impl", None, ["xla", "cudnn"], "Attention kernel (default: the run's config): "
+                  "cudnn is the fused kernel for bfloat16/float16 UNets on NVIDIA GPUs.")
 flags.DEFINE_bool("npz", False, "Also write samples.npz (arr_0, uint8 NHWC) for evaluators.")
 flags.DEFINE_bool("force", False, "Replace a different job's samples in --outdir.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
@@ -63,7 +65,8 @@ def main(argv):
     if not 0 <= FLAGS.guidance <= 50:
         raise app.UsageError(f"--guidance must be in [0, 50], got {FLAGS.guidance}")
     mesh = partitioning.make_mesh()
-    task, params, frozen, meta = load_ldm(FLAGS.workdir, mesh, use_ema=FLAGS.use_ema)
+    task, params, frozen, meta = load_ldm(FLAGS.workdir, mesh, use_ema=FLAGS.use_ema,
+                                          attention_impl=FLAGS.attention_impl)
     size = FLAGS.image_size or int(task.config.data.resolution)
     try:
         gen = LDMGenerator(task, params, frozen, image_size=size, sampler=FLAGS.sampler, guidance=FLAGS.guidance,

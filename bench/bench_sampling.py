@@ -66,6 +66,8 @@ def parse(argv=None):
                    help="OMP_WAIT_POLICY for the peer process ('inherit': leave the environment as it is)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype, both sides")
+    p.add_argument("--attention-impl", choices=("xla", "cudnn"), default="xla",
+                   help="ours: jax.nn.dot_product_attention implementation ('cudnn': fused, GPU, 16-bit dtypes)")
     p.add_argument("--side", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.batch < 1 or a.steps < 1 or a.guidance == 1.0:
@@ -117,11 +119,12 @@ def run_jax(a, cfg: dict) -> dict:
 
     if a.device == "cpu":
         jax.config.update("jax_platforms", "cpu")
-    mapped = UNet(**unet_config_from_diffusers(cfg), dtype=jnp.dtype(a.dtype))
+    impl = None if a.attention_impl == "xla" else a.attention_impl
+    mapped = UNet(**unet_config_from_diffusers(cfg), dtype=jnp.dtype(a.dtype), attention_impl=impl)
     if a.model == "tiny":
         from configs import ldm_f8_laion
         from latent_diffusion.models import build
-        module = build.unet(ldm_f8_laion.get_config("tiny").unet).clone(dtype=jnp.dtype(a.dtype))
+        module = build.unet(ldm_f8_laion.get_config("tiny").unet).clone(dtype=jnp.dtype(a.dtype), attention_impl=impl)
     else:
         module = mapped
     shapes = abstract_params(module)
@@ -203,7 +206,8 @@ def child(a, side: str) -> dict:
     """Runs one side in a fresh process and returns its JSON result."""
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--model", a.model, "--batch", str(a.batch),
            "--steps", str(a.steps), "--guidance", str(a.guidance), "--repeats", str(a.repeats),
-           "--threads", str(a.threads), "--shared", a.shared, "--device", a.device, "--dtype", a.dtype]
+           "--threads", str(a.threads), "--shared", a.shared, "--device", a.device, "--dtype", a.dtype,
+           "--attention-impl", a.attention_impl]
     env = dict(os.environ)
     if side == "torch" and a.omp_wait_policy != "inherit":
         env["OMP_WAIT_POLICY"] = a.omp_wait_policy  # read when torch loads its OpenMP runtime
@@ -225,7 +229,7 @@ def main():
     load_before = os.getloadavg()[0]
     line = dict(bench="sampling", model=a.model, batch=a.batch, steps=a.steps, sampler="ddim eta=0",
                 guidance=a.guidance, unet_batch=2 * a.batch, threads=a.threads, decode_included=False,
-                device=a.device, dtype=a.dtype)
+                device=a.device, dtype=a.dtype, attention_impl=a.attention_impl)
     line["jax"] = child(a, "jax")
     if a.peer:
         line["torch"] = child(a, "torch")

@@ -20,7 +20,9 @@ def unet(*, in_channels, out_channels, model_channels, channel_mult, attention_r
         num_classes=ml_collections.FieldReference(num_classes, field_type=int),
         dropout=dropout, use_linear_in_transformer=use_linear_in_transformer,
         use_scale_shift_norm=use_scale_shift_norm, legacy=legacy, use_spatial_transformer=use_spatial_transformer,
-        resblock_updown=resblock_updown, dtype=dtype, param_dtype="float32", remat=remat))
+        resblock_updown=resblock_updown, dtype=dtype, param_dtype="float32", remat=remat,
+        # None: XLA's attention; 'cudnn': the fused flash kernel on NVIDIA GPUs (bfloat16/float16 dtype).
+        attention_impl=ml_collections.FieldReference(None, field_type=str)))
 
 
 def first_stage(kind: str, f: int, *, tiny: bool = False, scale_factor: float = 0.0, workdir: str = ""):

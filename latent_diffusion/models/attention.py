@@ -5,7 +5,7 @@ Images are NHWC. Norms and the attention softmax run in float32; matmuls in `dty
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -30,6 +30,7 @@ class CrossAttention(nn.Module):
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    implementation: Optional[str] = None  # jax.nn.dot_product_attention's: None (XLA), 'cudnn' (fused, GPU)
 
     @nn.compact
     def __call__(self, x, context=None, deterministic: bool = True):
@@ -42,7 +43,8 @@ class CrossAttention(nn.Module):
             return y.reshape(y.shape[:-1] + (self.heads, self.dim_head))
 
         q, k, v = proj("to_q", x), proj("to_k", context), proj("to_v", context)
-        out = jax.nn.dot_product_attention(q, k, v)  # (B, T, heads, dim_head); softmax in float32
+        # (B, T, heads, dim_head); softmax in float32
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
         out = out.reshape(out.shape[:-2] + (inner,))
         out = nn.Dense(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name="to_out")(out)
         return nn.Dropout(self.dropout)(out, deterministic=deterministic)
@@ -73,11 +75,13 @@ class BasicTransformerBlock(nn.Module):
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, context=None, deterministic: bool = True):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = dict(heads=self.heads, dim_head=self.dim_head, dropout=self.dropout, **kw)
+        attn = dict(heads=self.heads, dim_head=self.dim_head, dropout=self.dropout,
+                    implementation=self.attention_impl, **kw)
 
         def norm(name, h):
             return _layer_norm(name, self.param_dtype)(h).astype(self.dtype)
@@ -102,6 +106,7 @@ class SpatialTransformer(nn.Module):
     use_linear: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, context=None, deterministic: bool = True):
@@ -113,7 +118,7 @@ class SpatialTransformer(nn.Module):
         h = h.reshape(b, hgt * wid, ch)
         h = nn.Dense(inner, **kw, name="proj_in")(h)
         for i in range(self.depth):
-            h = BasicTransformerBlock(self.heads, self.dim_head, self.dropout, **kw,
+            h = BasicTransformerBlock(self.heads, self.dim_head, self.dropout, **kw, attention_impl=self.attention_impl,
                                       name=f"blocks_{i}")(h, context, deterministic)
         h = nn.Dense(ch, kernel_init=nn.initializers.zeros, **kw, name="proj_out")(h)
         return x + h.reshape(b, hgt, wid, ch)
@@ -130,6 +135,7 @@ class AttentionBlock(nn.Module):
     heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, x):
@@ -144,6 +150,7 @@ class AttentionBlock(nn.Module):
         def proj(name):
             return nn.Dense(ch, **kw, name=name)(h).reshape(b, hgt * wid, self.heads, ch // self.heads)
 
-        out = jax.nn.dot_product_attention(proj("to_q"), proj("to_k"), proj("to_v"))
+        out = jax.nn.dot_product_attention(proj("to_q"), proj("to_k"), proj("to_v"),
+                                           implementation=self.attention_impl)
         out = nn.Dense(ch, kernel_init=nn.initializers.zeros, **kw, name="to_out")(out.reshape(b, hgt * wid, ch))
         return x + out.reshape(b, hgt, wid, ch)

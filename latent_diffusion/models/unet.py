@@ -131,6 +131,9 @@ class UNet(nn.Module):
     adm_in_channels: Optional[int] = None
     legacy: bool = True
     remat: bool = False
+    # jax.nn.dot_product_attention's implementation: None lets XLA choose; 'cudnn' is the fused
+    # (flash) kernel on NVIDIA GPUs, for bfloat16/float16 compute.
+    attention_impl: Optional[str] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -192,9 +195,9 @@ class UNet(nn.Module):
                 if self.num_head_channels != -1 and ch % self.num_head_channels:
                     raise ValueError(f"UNet: {ch} channels are not a multiple of num_head_channels="
                                      f"{self.num_head_channels} (the AttentionBlock needs whole heads)")
-                return block_cls(heads, **kw, name=name)(h)
-            return attn_cls(heads, dim_head, self.transformer_depth, self.dropout,
-                            self.use_linear_in_transformer, **kw, name=name)(h, context, deterministic)
+                return block_cls(heads, **kw, attention_impl=self.attention_impl, name=name)(h)
+            return attn_cls(heads, dim_head, self.transformer_depth, self.dropout, self.use_linear_in_transformer,
+                            **kw, attention_impl=self.attention_impl, name=name)(h, context, deterministic)
 
         b = x.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t), (b,))

@@ -44,8 +44,12 @@ INPAINT_METHODS = ("concat", "blend")
 STRENGTH_UNIT = 10 ** 6
 
 
-def load_ldm(workdir: str, mesh, *, use_ema: bool = True, step: int | None = None):
-    """(task, model params, frozen params, meta) of an LDM training workdir."""
+def load_ldm(workdir: str, mesh, *, use_ema: bool = True, step: int | None = None,
+             attention_impl: str | None = None):
+    """(task, model params, frozen params, meta) of an LDM training workdir.
+
+    `attention_impl` overrides the run's `unet.attention_impl` (e.g. 'cudnn' on NVIDIA GPUs).
+    """
     from latent_diffusion.training.ldm_task import LDMTask
     try:
         meta = checkpointing.read_meta(workdir, step)
@@ -56,6 +60,8 @@ def load_ldm(workdir: str, mesh, *, use_ema: bool = True, step: int | None = Non
         raise ValueError(f"{workdir} holds a {meta.get('stage')!r} run; sample.py needs a latent diffusion "
                          "(stage 2) workdir")
     config = ml_collections.ConfigDict(json.loads(meta["config"]))
+    if attention_impl:
+        config.unet.attention_impl = attention_impl
     task = LDMTask(config, mesh, workdir)
     repl = lambda tree: jax.tree.map(lambda _: partitioning.replicated(mesh), tree)
     state, meta = checkpointing.restore_state_tree(workdir, repl, step)

@@ -74,6 +74,18 @@ def test_remat_gives_same_output_and_grads():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_attention_implementation_reaches_every_attention():
+    # attention_impl is passed to the jax.nn.dot_product_attention calls: 'xla' is the default's
+    # computation, and an implementation this backend lacks fails (here on CPU: 'cudnn').
+    one_level = dict(TINY, channel_mult=(1,), attention_resolutions=(1,))
+    x, t, ctx = tiny_inputs()
+    params = random_params(UNet(**one_level), x, t, ctx)
+    run = lambda **kw: np.asarray(jax.jit(UNet(**one_level, **kw).apply)({"params": params}, x, t, ctx))
+    np.testing.assert_array_equal(run(attention_impl="xla"), run())
+    with pytest.raises(Exception):
+        run(attention_impl="cudnn", dtype=jnp.bfloat16)
+
+
 def test_bf16_compute_runs_close_to_float32(tiny):
     module = tiny[0]
     x, t, ctx = tiny_inputs()
