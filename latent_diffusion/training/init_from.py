@@ -17,6 +17,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +85,8 @@ def loaded_roles(loaded: Mapping) -> dict:
 # --- placing ------------------------------------------------------------------------------------
 
 def _flat(tree: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    """{'a/b/c': leaf} for a nested dict of params."""
+    return {prefix + k: v for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
 
 
 def _rebuild(tree: Mapping, new: dict, prefix: str = "") -> dict:

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from latent_diffusion.training import checkpointing, init_from, partitioning
 from latent_diffusion.training.state import tree_all_finite
@@ -151,7 +152,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> RunResult:
                                              every_secs=None, every_steps=config.log_every)
     start = int(jax.device_get(state.step))
     if start == 0:
-        writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
+        writer.write_hparams({k: v for k, v in traverse_util.flatten_dict(config.to_dict(), sep=".").items()
                               if isinstance(v, (int, float, str, bool))})
     history, train_metrics, eval_metrics = [], {}, {}
     t0, steps_done, last_finite = time.perf_counter(), 0, None
@@ -210,13 +211,3 @@ def _fail(manager, step, metrics_host):
 
 def _fmt(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

@@ -15,22 +15,10 @@ from latent_diffusion.sampling.pipeline import LDMGenerator
 from latent_diffusion.sampling.requests import RequestError, WorkItem
 from latent_diffusion.training import partitioning
 from latent_diffusion.training.ldm_task import LDMTask
+from tests.tiny_ldm import random_weights
 from tests.training.test_class_conditioning import NUM_CLASSES, SIZE, tiny_cin_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _fill(seed, shapes):
-    """Random weights of a sensible scale: no zero-initialised output layers, so the context matters."""
-    rng = np.random.default_rng(seed)
-    flat, tree = jax.tree_util.tree_flatten_with_path(shapes)
-    out = []
-    for path, s in flat:
-        n = rng.standard_normal(s.shape).astype(np.float32)
-        name = getattr(path[-1], "key", "")
-        out.append(1 + 0.1 * n if name == "scale" else 0.05 * n if name == "bias" else
-                   n if name == "embedding" else n / np.sqrt(max(1, int(np.prod(s.shape[:-1])))))
-    return jax.tree.unflatten(tree, out)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +29,7 @@ def cin(tmp_path_factory):
     frozen = task.frozen()
     batch = {"image": np.zeros((1, SIZE, SIZE, 3), np.float32), "label": np.zeros((1,), np.int32)}
     shapes = jax.eval_shape(task.init, jax.random.key(0), batch, frozen).params["model"]
-    return task, _fill(1, shapes), frozen
+    return task, random_weights(1, shapes), frozen
 
 
 def test_guidance_mixes_the_label_and_the_null_class_row(cin):

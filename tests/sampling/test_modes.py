@@ -19,6 +19,7 @@ from latent_diffusion.sampling.pipeline import LDMGenerator, resolve_mode
 from latent_diffusion.sampling.requests import RequestError, WorkItem
 from latent_diffusion.training import first_stage as first_stage_lib
 from latent_diffusion.training.ldm_task import LDMTask
+from tests.tiny_ldm import random_weights
 
 SIZE, STEPS = 32, 3
 
@@ -41,19 +42,6 @@ def _config(name):
     return c
 
 
-def _fill(seed, shapes):
-    """Random weights of a sensible scale for a tree of shapes (no init to compile, no zero layers)."""
-    rng = np.random.default_rng(seed)
-    flat, tree = jax.tree_util.tree_flatten_with_path(shapes)
-    out = []
-    for path, s in flat:
-        n = rng.standard_normal(s.shape).astype(np.float32)
-        name = getattr(path[-1], "key", "")
-        out.append(1 + 0.1 * n if name == "scale" else 0.05 * n if name == "bias" else
-                   n if name == "embedding" else n / np.sqrt(max(1, int(np.prod(s.shape[:-1])))))
-    return jax.tree.unflatten(tree, out)
-
-
 _FIRST_STAGE = []
 
 
@@ -63,7 +51,7 @@ def _random_first_stage(cfg, mesh, abstract=False):
         module = build.autoencoder(cfg.model)
         init = lambda r: module.init({"params": r, "sample": r}, jnp.zeros((1, SIZE, SIZE, 3)))["params"]  # noqa: E731
         shapes = jax.eval_shape(init, jax.random.key(0))
-        _FIRST_STAGE.append(first_stage_lib._describe(module, "kl", _fill(2, shapes), 1.0))
+        _FIRST_STAGE.append(first_stage_lib._describe(module, "kl", random_weights(2, shapes), 1.0))
     return _FIRST_STAGE[0]
 
 
@@ -86,7 +74,7 @@ def tiny_task(name, tmp_path_factory):
         if c.concat == "segmentation":
             batch["segmentation"] = np.zeros((1, SIZE, SIZE, 1), np.int32)
         shapes = jax.eval_shape(task.init, jax.random.key(0), batch, task.frozen()).params["model"]
-        _TASKS[name] = (task, _fill(1, shapes), task.frozen())
+        _TASKS[name] = (task, random_weights(1, shapes), task.frozen())
     return _TASKS[name]
 
 

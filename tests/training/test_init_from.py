@@ -9,27 +9,18 @@ import pytest
 
 from latent_diffusion.training import init_from, partitioning
 from latent_diffusion.training.loop import train_and_evaluate
+from tests.tiny_ldm import text_ldm_config
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 
 def tiny_config(data_dir, steps=2, **init):
-    from configs import ldm_f8_laion
-    c = ldm_f8_laion.get_config("tiny")
-    c.first_stage.workdir, c.first_stage.random_init = "", True
-    c.first_stage.model.ch, c.first_stage.model.ch_mult, c.first_stage.model.num_groups = 16, (1, 2), 4
-    c.unet.model_channels, c.unet.num_head_channels = 32, 16
-    c.conditioning.text.model.update(width=32, depth=1, heads=2, head_dim=16)
-    c.unet.context_dim = 32
-    c.data.data_dir, c.data.config, c.data.resolution = data_dir, "tiny", 32
+    c = text_ldm_config(data_dir)
     c.data.num_threads, c.data.prefetch_buffer_size = 1, 8
-    c.batch_size, c.eval_batch_size, c.num_eval_batches = 8, 8, 1
     c.num_train_steps, c.log_every, c.eval_every, c.checkpoint.every = steps, 1, 1000, 1
-    c.checkpoint.async_save = False
     c.optim.warmup_steps = 0
-    c.sample.steps = 0
-    if init:  # configs/ldm_common.py does not define `init` yet; a config without it must work too
+    if init:
         c.init = ml_collections.ConfigDict(dict(init_from.DEFAULTS, **init))
     return c
 

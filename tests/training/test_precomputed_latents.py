@@ -8,6 +8,8 @@ import jax
 import numpy as np
 import pytest
 
+from tests.tiny_ldm import text_ldm_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -20,20 +22,10 @@ def _script():
 
 
 def tiny_config(data_dir, latents_dir=""):
-    from configs import ldm_f8_laion
-    c = ldm_f8_laion.get_config("tiny")
-    c.first_stage.workdir, c.first_stage.random_init = "", True
-    c.first_stage.model.ch, c.first_stage.model.ch_mult, c.first_stage.model.num_groups = 16, (1, 2), 4
-    c.unet.model_channels, c.unet.num_head_channels = 32, 16
-    c.conditioning.text.model.update(width=32, depth=1, heads=2, head_dim=16)
-    c.unet.context_dim = 32
-    c.data.data_dir, c.data.config, c.data.resolution = data_dir, "tiny", 32
+    c = text_ldm_config(data_dir)
     assert c.data.random_flip  # the stored mirror images are part of what is tested
     c.data.latents_dir = latents_dir
-    c.batch_size, c.eval_batch_size, c.num_eval_batches = 8, 8, 1
     c.num_train_steps, c.log_every, c.eval_every, c.checkpoint.every = 4, 2, 4, 2
-    c.checkpoint.async_save = False
-    c.sample.steps = 0
     return c
 
 
