@@ -174,16 +174,9 @@ def make_dataset(cfg: dict, split: str, *, global_batch_size: int, seed: int, sh
     if len(source) != meta['num_examples']:
         raise ValueError(f"{folder} holds {len(source)} records but its metadata says {meta['num_examples']}: "
                          'the files are damaged; precompute again')
-    if len(source) < global_batch_size and (cfg['drop_remainder'] or process_count > 1):
-        raise ValueError(f"split '{split}' in {folder} has {len(source)} examples, fewer than one global batch "
-                         f'of {global_batch_size}')
     keys = tuple(cfg['keys']) + (KL_FIELDS if meta['kind'] == 'kl' else VQ_FIELDS)
-    # The same structure as the image pipeline, so grain derives the same seeds for every step.
-    ds = grain.MapDataset.source(source).seed(seed)
-    if shuffle:
-        ds = ds.shuffle()
-    ds = ds.repeat(num_epochs)
-    ds = ds.random_map(_PickView(cfg, keys))
-    return loader.batched(ds, cfg, f'latents:{folder}', global_batch_size=global_batch_size,
-                          extra_transforms=extra_transforms, process_index=process_index,
-                          process_count=process_count)
+    # The image pipeline's global order, so every step sees the same examples and flips.
+    return loader.global_batches(source, _PickView(cfg, keys), cfg, f'latents:{folder}', split,
+                                 global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
+                                 num_epochs=num_epochs, extra_transforms=extra_transforms,
+                                 process_index=process_index, process_count=process_count)

@@ -358,21 +358,34 @@ def make_dataset(
                                     num_epochs=num_epochs, extra_transforms=extra_transforms,
                                     process_index=process_index, process_count=process_count)
     builder, features, source = open_source(cfg, split)
+    return global_batches(source, _Decoder(cfg, features), cfg, builder.name, split,
+                          global_batch_size=global_batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                          extra_transforms=extra_transforms, process_index=process_index,
+                          process_count=process_count)
+
+
+def global_batches(source, example_fn, cfg: dict, name: str, split: str, *, global_batch_size: int, seed: int,
+                   shuffle: bool, num_epochs, extra_transforms, process_index: int,
+                   process_count: int) -> LoaderIterator:
+    """Batches of `example_fn(record, rng)` over `source` in one seeded global order.
+
+    Shuffle, repeat and map in one global order, then give each process its contiguous slice of
+    every global batch: the global batch, and so training, does not depend on the number of
+    processes. Per-example randomness is keyed by the global index, so two sources of the same
+    length (images, or their stored latents) get the same order and the same random numbers.
+    """
     ds = grain.MapDataset.source(source)
     if len(ds) < global_batch_size and (cfg['drop_remainder'] or process_count > 1):
         raise ValueError(
-            f"split '{split}' of '{builder.name}' has {len(source)} examples, fewer "
+            f"split '{split}' of '{name}' has {len(source)} examples, fewer "
             f'than one global batch of {global_batch_size}'
         )
-    # Shuffle, repeat and decode in one global order, then give each process its contiguous
-    # slice of every global batch: the global batch, and so training, does not depend on the
-    # number of processes. Per-example randomness is keyed by the global index.
     ds = ds.seed(seed)
     if shuffle:
         ds = ds.shuffle()
     ds = ds.repeat(num_epochs)
-    ds = ds.random_map(_Decoder(cfg, features))
-    return batched(ds, cfg, builder.name, global_batch_size=global_batch_size, extra_transforms=extra_transforms,
+    ds = ds.random_map(example_fn)
+    return batched(ds, cfg, name, global_batch_size=global_batch_size, extra_transforms=extra_transforms,
                    process_index=process_index, process_count=process_count)
 
 
