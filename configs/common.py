@@ -16,12 +16,32 @@ def parse_arg(arg: str | None, known: dict) -> dict:
         key, _, value = part.partition("=")
         if key not in known:
             raise ValueError(f"config argument {key!r} is not known; expected some of {sorted(known)}")
+        default = known[key]
         if not value:
+            if not isinstance(default, bool):
+                raise ValueError(f"config argument {key!r} needs a value ({key}=...); only booleans may stand alone")
             out[key] = True
+        elif isinstance(default, bool):
+            out[key] = _parse_bool(key, value)
+        elif default is not None:
+            try:
+                out[key] = type(default)(value)
+            except ValueError:
+                raise ValueError(f"config argument {key}={value!r}: expected a value of type {type(default).__name__}") from None
         else:
-            default = known[key]
-            out[key] = type(default)(value) if default is not None and not isinstance(default, bool) else value
+            out[key] = value
     return out
+
+
+_BOOLS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _parse_bool(key: str, value: str) -> bool:
+    """'true'/'1' or 'false'/'0' (any case); anything else is an error naming the argument."""
+    v = value.strip().lower()
+    if v not in _BOOLS:
+        raise ValueError(f"config argument {key}={value!r}: expected a boolean (true, false, 1 or 0)")
+    return _BOOLS[v]
 
 
 def optimizer(lr: float, **kw) -> ml_collections.ConfigDict:

@@ -210,7 +210,8 @@ class _Decoder:
                         preprocess.apply_crop(label_map, plan, 'nearest') if plan is not None else label_map
                     )
                 elif _is_text_feature(feature):
-                    out[key] = value.decode('utf-8') if isinstance(value, bytes) else str(value)
+                    text = value.decode('utf-8') if isinstance(value, bytes) else str(value)
+                    out[key] = preprocess.mirror_text(text) if flip else text
                 elif isinstance(value, dict):
                     out[key] = self._pad_sequence(key, value, plan)
                 else:

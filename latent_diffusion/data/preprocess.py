@@ -8,6 +8,7 @@ pipelines of the LDM code base; 'nearest' is for label maps.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 from PIL import Image
@@ -103,6 +104,20 @@ def crop_boxes(boxes: np.ndarray, plan: CropPlan) -> tuple[np.ndarray, np.ndarra
     out = np.stack([ys[:, 0], xs[:, 0], ys[:, 1], xs[:, 1]], -1)
     keep = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
     return out, keep
+
+
+_MIRRORED_WORDS = {'left': 'right', 'right': 'left', 'Left': 'Right', 'Right': 'Left', 'LEFT': 'RIGHT',
+                   'RIGHT': 'LEFT'}
+_SIDE_WORD = re.compile(r'\b(left|right)\b', re.IGNORECASE)
+
+
+def mirror_text(text: str) -> str:
+    """The caption of a horizontally flipped image: the words 'left' and 'right' swapped.
+
+    A flip that kept "a red circle on the left" under an image with the circle on the right would
+    teach the model the opposite of its caption.
+    """
+    return _SIDE_WORD.sub(lambda m: _MIRRORED_WORDS.get(m.group(0), m.group(0)), text)
 
 
 def center_crop(image: np.ndarray, resolution: int, method: str = 'bicubic') -> np.ndarray:

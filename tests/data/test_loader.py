@@ -338,3 +338,10 @@ def test_preprocess_helpers():
     np.testing.assert_array_equal(onehot, [[[1, 0, 0], [0, 0, 1]]])
     with pytest.raises(ValueError, match='segmentation values'):
         preprocess.one_hot_segmentation(np.array([[3]]), 3)
+
+
+def test_flipped_captions_swap_left_and_right():
+    from latent_diffusion.data import preprocess
+    assert preprocess.mirror_text("a red circle at the top left and a star on the Right") == (
+        "a red circle at the top right and a star on the Left")
+    assert preprocess.mirror_text("leftover, righteous, in the center") == "leftover, righteous, in the center"
