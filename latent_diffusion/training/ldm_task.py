@@ -338,7 +338,8 @@ class LDMTask:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
                           ema_params=ema, model_state={})
 
-    def _loss_terms(self, params, batch, rng, frozen, t, noise_rng, drop, deterministic):
+    def loss_terms(self, params, batch, rng, frozen, t, noise_rng, drop, deterministic):
+        """Per-example diffusion loss (B,) of model params {unet, cond} at timesteps t."""
         r_enc, r_cond, r_drop = jax.random.split(rng, 3)
         x0 = jax.lax.stop_gradient(self.latents_of(frozen, batch, r_enc))
         raw = self.raw_conditions(batch, frozen, r_cond, drop=drop)
@@ -365,7 +366,7 @@ class LDMTask:
         t = objectives.sample_timesteps(r_t, b, self.schedule.num_timesteps)
 
         def loss_fn(params):
-            per = self._loss_terms(params["model"], batch, r_rest, frozen, t, r_noise, drop=True,
+            per = self.loss_terms(params["model"], batch, r_rest, frozen, t, r_noise, drop=True,
                                    deterministic=False)
             return jnp.mean(per), per
 
@@ -385,7 +386,7 @@ class LDMTask:
         b = self.batch_size_of(batch)
         t = ((jnp.arange(b) + 0.5) * self.schedule.num_timesteps / b).astype(jnp.int32)
         r_noise, r_rest = jax.random.split(rng)
-        per = self._loss_terms(self.model_params(state), batch, r_rest, frozen, t, r_noise, drop=False,
+        per = self.loss_terms(self.model_params(state), batch, r_rest, frozen, t, r_noise, drop=False,
                                deterministic=True)
         return {"loss": jnp.mean(per)}
 

@@ -99,7 +99,7 @@ def test_loss_from_stored_latents_equals_on_the_fly(stored):
     params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape, p.dtype)
                                        for p, k in zip(leaves, keys)])
     t = objectives.sample_timesteps(jax.random.key(1), 8, task.schedule.num_timesteps)
-    loss = jax.jit(lambda b, k: task._loss_terms(params, b, k, frozen, t, jax.random.key(4), drop=True,
+    loss = jax.jit(lambda b, k: task.loss_terms(params, b, k, frozen, t, jax.random.key(4), drop=True,
                                                  deterministic=False))
     a, b = np.asarray(loss(from_latents, jax.random.key(2))), np.asarray(loss(from_images, jax.random.key(2)))
     assert np.all(np.isfinite(a)) and a.std() > 0
