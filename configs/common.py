@@ -27,7 +27,8 @@ def parse_arg(arg: str | None, known: dict) -> dict:
             try:
                 out[key] = type(default)(value)
             except ValueError:
-                raise ValueError(f"config argument {key}={value!r}: expected a value of type {type(default).__name__}") from None
+                raise ValueError(f"config argument {key}={value!r}: expected a value of type "
+                                 f"{type(default).__name__}") from None
         else:
             out[key] = value
     return out

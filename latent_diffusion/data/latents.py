@@ -24,17 +24,17 @@ import grain
 import numpy as np
 
 FORMAT = 1
-_CORRUPT = '_corrupt'  # the loader's marker for records it drops and counts
-KL_FIELDS = ('z_mean', 'z_std')
-VQ_FIELDS = ('z',)
+_CORRUPT = "_corrupt"  # the loader's marker for records it drops and counts
+KL_FIELDS = ("z_mean", "z_std")
+VQ_FIELDS = ("z",)
 
 
 def split_dir(latents_dir: str, split: str) -> str:
-    return os.path.join(latents_dir, split.replace('/', '_'))
+    return os.path.join(latents_dir, split.replace("/", "_"))
 
 
 def shard_name(index: int) -> str:
-    return f'shard-{index:05d}.array_record'
+    return f"shard-{index:05d}.array_record"
 
 
 def encode_record(views: list[dict] | None, corrupt: str | None = None) -> bytes:
@@ -44,7 +44,7 @@ def encode_record(views: list[dict] | None, corrupt: str | None = None) -> bytes
         flat[_CORRUPT] = np.asarray(corrupt)
     for v, view in enumerate(views or ()):
         for key, value in _flatten(view):
-            flat[f'{v}/{key}'] = np.asarray(value)
+            flat[f"{v}/{key}"] = np.asarray(value)
     buf = io.BytesIO()
     np.savez(buf, **flat)
     return buf.getvalue()
@@ -56,64 +56,64 @@ def decode_record(data: bytes) -> tuple[list[dict], str | None]:
     corrupt = flat.pop(_CORRUPT, None)
     views: dict[int, dict] = {}
     for name, value in flat.items():
-        v, _, key = name.partition('/')
-        if value.dtype.kind == 'U':
+        v, _, key = name.partition("/")
+        if value.dtype.kind == "U":
             value = str(value)
         node = views.setdefault(int(v), {})
-        *parents, leaf = key.split('/')
+        *parents, leaf = key.split("/")
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
     return [views[i] for i in sorted(views)], (None if corrupt is None else str(corrupt))
 
 
-def _flatten(d: dict, prefix: str = ''):
+def _flatten(d: dict, prefix: str = ""):
     for k, v in d.items():
         if isinstance(v, dict):
-            yield from _flatten(v, f'{prefix}{k}/')
+            yield from _flatten(v, f"{prefix}{k}/")
         else:
-            yield f'{prefix}{k}', v
+            yield f"{prefix}{k}", v
 
 
 def read_metadata(latents_dir: str, split: str) -> dict:
-    path = os.path.join(split_dir(latents_dir, split), 'metadata.json')
+    path = os.path.join(split_dir(latents_dir, split), "metadata.json")
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"no precomputed latents for split '{split}' in {latents_dir} (expected {path}): run "
-            f'`python scripts/precompute_latents.py --config=<this config> --out={latents_dir} --split={split}` '
-            'first, or set --config.data.latents_dir= to train from images')
+            f"`python scripts/precompute_latents.py --config=<this config> --out={latents_dir} --split={split}` "
+            "first, or set --config.data.latents_dir= to train from images")
     with open(path) as f:
         meta = json.load(f)
-    if not meta.get('complete'):
-        raise ValueError(f'the latents in {os.path.dirname(path)} are incomplete (the precompute job did not '
-                         'finish): run scripts/precompute_latents.py again with the same --out to resume it')
-    if meta.get('format') != FORMAT:
+    if not meta.get("complete"):
+        raise ValueError(f"the latents in {os.path.dirname(path)} are incomplete (the precompute job did not "
+                         "finish): run scripts/precompute_latents.py again with the same --out to resume it")
+    if meta.get("format") != FORMAT:
         raise ValueError(f"{path} has latents format {meta.get('format')}, this code reads {FORMAT}: "
-                         'recompute them')
+                         "recompute them")
     return meta
 
 
 # Preprocessing settings that change what a stored latent means; a mismatch is refused.
-PREPROCESSING = ('name', 'config', 'version', 'image_key', 'resolution', 'resize_method')
+PREPROCESSING = ("name", "config", "version", "image_key", "resolution", "resize_method")
 
 
 def check_data(meta: dict, cfg: dict, where: str) -> None:
     """The loader's settings against the stored latents' preprocessing (keys, crops, flips)."""
-    stored = meta['data']
+    stored = meta["data"]
     for key in PREPROCESSING:
         if stored.get(key) != cfg.get(key):
-            raise ValueError(f'data.{key} is {cfg.get(key)!r} but the latents in {where} were computed with '
-                             f'{stored.get(key)!r}: use matching settings, or precompute again')
-    missing = sorted(set(cfg['keys']) - set(stored['keys']))
+            raise ValueError(f"data.{key} is {cfg.get(key)!r} but the latents in {where} were computed with "
+                             f"{stored.get(key)!r}: use matching settings, or precompute again")
+    missing = sorted(set(cfg["keys"]) - set(stored["keys"]))
     if missing:
-        raise ValueError(f'data.keys asks for {missing}, which the latents in {where} do not store '
+        raise ValueError(f"data.keys asks for {missing}, which the latents in {where} do not store "
                          f"(they have {sorted(stored['keys'])}): precompute again with these data.keys")
-    if cfg['random_crop']:
-        raise ValueError('data.random_crop=True cannot be used with precomputed latents (each crop would need '
-                         'its own encoding): set --config.data.random_crop=False')
-    if cfg['random_flip'] and meta['views'] < 2:
-        raise ValueError(f'data.random_flip=True but the latents in {where} were stored without mirror images: '
-                         'precompute with a config that flips, or set --config.data.random_flip=False')
+    if cfg["random_crop"]:
+        raise ValueError("data.random_crop=True cannot be used with precomputed latents (each crop would need "
+                         "its own encoding): set --config.data.random_crop=False")
+    if cfg["random_flip"] and meta["views"] < 2:
+        raise ValueError(f"data.random_flip=True but the latents in {where} were stored without mirror images: "
+                         "precompute with a config that flips, or set --config.data.random_flip=False")
 
 
 def first_stage_identity(first_stage, fs_cfg) -> dict:
@@ -127,29 +127,29 @@ def first_stage_identity(first_stage, fs_cfg) -> dict:
         digest.update(np.ascontiguousarray(leaf).tobytes())
     return dict(kind=first_stage.kind, scale_factor=float(first_stage.scale_factor),
                 downsample=int(first_stage.downsample), latent_channels=int(first_stage.latent_channels),
-                workdir=str(fs_cfg.get('workdir', '') or ''), checkpoint=str(fs_cfg.get('checkpoint', '') or ''),
-                random_init=bool(fs_cfg.get('random_init', False)), use_ema=bool(fs_cfg.get('use_ema', True)),
+                workdir=str(fs_cfg.get("workdir", "") or ""), checkpoint=str(fs_cfg.get("checkpoint", "") or ""),
+                random_init=bool(fs_cfg.get("random_init", False)), use_ema=bool(fs_cfg.get("use_ema", True)),
                 params_sha256=digest.hexdigest())
 
 
 def check_first_stage(meta: dict, identity: dict, where: str) -> None:
     """Refuses latents made by another first stage than the run's (`identity` from first_stage_identity)."""
-    stored = meta['first_stage']
-    for key in ('kind', 'scale_factor', 'downsample', 'latent_channels', 'params_sha256'):
+    stored = meta["first_stage"]
+    for key in ("kind", "scale_factor", "downsample", "latent_channels", "params_sha256"):
         if stored.get(key) != identity[key]:
-            what = 'parameters' if key == 'params_sha256' else key
+            what = "parameters" if key == "params_sha256" else key
             raise ValueError(
-                f'the latents in {where} were computed by another first stage: its {what} '
-                f'{stored.get(key)!r} differs from this run\'s {identity[key]!r} (stored from '
+                f"the latents in {where} were computed by another first stage: its {what} "
+                f"{stored.get(key)!r} differs from this run's {identity[key]!r} (stored from "
                 f"workdir={stored.get('workdir')!r} checkpoint={stored.get('checkpoint')!r}). Point "
-                'config.first_stage at the autoencoder that made them, or precompute them again with this one')
+                "config.first_stage at the autoencoder that made them, or precompute them again with this one")
 
 
 class _PickView:
     """Deserializes a record and picks its view, drawing the flip exactly as the image decoder does."""
 
     def __init__(self, cfg: dict, keys: tuple[str, ...]):
-        self.flip = bool(cfg['random_flip'])
+        self.flip = bool(cfg["random_flip"])
         self.keys = keys
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> dict:
@@ -167,16 +167,16 @@ def make_dataset(cfg: dict, split: str, *, global_batch_size: int, seed: int, sh
     """Like loader.make_dataset, from stored latents; batches carry z_mean/z_std (or z) instead of 'image'."""
     from latent_diffusion.data import loader  # pylint: disable=g-import-not-at-top
 
-    folder = split_dir(cfg['latents_dir'], split)
-    meta = read_metadata(cfg['latents_dir'], split)
+    folder = split_dir(cfg["latents_dir"], split)
+    meta = read_metadata(cfg["latents_dir"], split)
     check_data(meta, cfg, folder)
-    source = grain.sources.ArrayRecordDataSource([os.path.join(folder, n) for n in meta['shards']])
-    if len(source) != meta['num_examples']:
+    source = grain.sources.ArrayRecordDataSource([os.path.join(folder, n) for n in meta["shards"]])
+    if len(source) != meta["num_examples"]:
         raise ValueError(f"{folder} holds {len(source)} records but its metadata says {meta['num_examples']}: "
-                         'the files are damaged; precompute again')
-    keys = tuple(cfg['keys']) + (KL_FIELDS if meta['kind'] == 'kl' else VQ_FIELDS)
+                         "the files are damaged; precompute again")
+    keys = tuple(cfg["keys"]) + (KL_FIELDS if meta["kind"] == "kl" else VQ_FIELDS)
     # The image pipeline's global order, so every step sees the same examples and flips.
-    return loader.global_batches(source, _PickView(cfg, keys), cfg, f'latents:{folder}', split,
+    return loader.global_batches(source, _PickView(cfg, keys), cfg, f"latents:{folder}", split,
                                  global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
                                  num_epochs=num_epochs, extra_transforms=extra_transforms,
                                  process_index=process_index, process_count=process_count)

@@ -34,27 +34,27 @@ from PIL import Image
 
 from latent_diffusion.data import preprocess
 
-_CORRUPT = '_corrupt'
-_SKIPPED = '_skipped'
+_CORRUPT = "_corrupt"
+_SKIPPED = "_skipped"
 
 DATA_DEFAULTS = dict(
-    name='shapes',  # 'shapes' (built on demand) or any TFDS name, e.g. 'imagenet2012'
+    name="shapes",  # 'shapes' (built on demand) or any TFDS name, e.g. 'imagenet2012'
     data_dir=None,  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
     config=None,  # TFDS builder config; for shapes None picks it from resolution
     version=None,  # TFDS version string, None = the builder's default
-    image_key='image',
+    image_key="image",
     resolution=None,  # shorter side resized to this, then a square crop; None keeps size
     random_crop=False,  # False: centre crop
     random_flip=False,
-    resize_method='bicubic',  # 'bicubic' or 'area' (see preprocess.py)
+    resize_method="bicubic",  # 'bicubic' or 'area' (see preprocess.py)
     keys=(),  # extra features to keep, e.g. ('caption', 'objects')
     max_objects=16,  # sequence features are padded / truncated to this length
     drop_remainder=True,
-    train_split='train',  # read by the training loop, not the loader
-    eval_split='test',
+    train_split="train",  # read by the training loop, not the loader
+    eval_split="test",
     num_threads=8,  # decode threads per process
     prefetch_buffer_size=64,  # decoded elements kept ahead of the batcher
-    latents_dir='',  # '': decode images; else first-stage latents from scripts/precompute_latents.py
+    latents_dir="",  # '': decode images; else first-stage latents from scripts/precompute_latents.py
 )
 
 
@@ -63,20 +63,20 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 
 def _settings(data_cfg) -> dict:
-    given = dict(data_cfg.items()) if hasattr(data_cfg, 'items') else dict(data_cfg)
+    given = dict(data_cfg.items()) if hasattr(data_cfg, "items") else dict(data_cfg)
     unknown = sorted(set(given) - set(DATA_DEFAULTS))
     if unknown:
         raise ValueError(
-            f'unknown data config key(s) {unknown}; the loader accepts ' f'{sorted(DATA_DEFAULTS)}'
+            f"unknown data config key(s) {unknown}; the loader accepts " f"{sorted(DATA_DEFAULTS)}"
         )
     cfg = {**DATA_DEFAULTS, **given}
-    if cfg['resolution'] is not None and int(cfg['resolution']) <= 0:
+    if cfg["resolution"] is not None and int(cfg["resolution"]) <= 0:
         raise ValueError(f"data.resolution must be a positive int or None, got {cfg['resolution']}")
-    if cfg['resize_method'] not in ('bicubic', 'area', 'bilinear'):
+    if cfg["resize_method"] not in ("bicubic", "area", "bilinear"):
         raise ValueError(
             f"data.resize_method must be 'bicubic', 'area' or 'bilinear', " f"got {cfg['resize_method']!r}"
         )
-    cfg['keys'] = tuple(cfg['keys'] or ())
+    cfg["keys"] = tuple(cfg["keys"] or ())
     return cfg
 
 
@@ -85,26 +85,26 @@ def _open_builder(cfg):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     from latent_diffusion.data import shapes  # pylint: disable=g-import-not-at-top
 
-    name, config = cfg['name'], cfg['config']
-    if name == 'shapes' or name.startswith('shapes/'):
-        if '/' in name:
-            config = name.split('/', 1)[1]
+    name, config = cfg["name"], cfg["config"]
+    if name == "shapes" or name.startswith("shapes/"):
+        if "/" in name:
+            config = name.split("/", 1)[1]
         if config is None:
-            res = cfg['resolution']
+            res = cfg["resolution"]
             config = str(res) if res in (32, 64, 128, 256) else shapes.Shapes.DEFAULT_CONFIG_NAME
-        return shapes.ensure_built(cfg['data_dir'], config)
-    data_dir = os.path.expanduser(cfg['data_dir']) if cfg['data_dir'] else None
-    where = f"data_dir '{data_dir}'" if data_dir else 'the default TFDS data_dir'
+        return shapes.ensure_built(cfg["data_dir"], config)
+    data_dir = os.path.expanduser(cfg["data_dir"]) if cfg["data_dir"] else None
+    where = f"data_dir '{data_dir}'" if data_dir else "the default TFDS data_dir"
     how = (
         f"Prepare it first, e.g. `tfds build {name} --data_dir="
         f"{data_dir or '~/tensorflow_datasets'} --file_format=array_record`, or point "
         f"data.data_dir at the directory where it is prepared; this loader never downloads."
     )
-    kwargs = {'data_dir': data_dir}
+    kwargs = {"data_dir": data_dir}
     if config is not None:
-        kwargs['config'] = config
-    if cfg['version'] is not None:
-        kwargs['version'] = cfg['version']
+        kwargs["config"] = config
+    if cfg["version"] is not None:
+        kwargs["version"] = cfg["version"]
     try:
         builder = tfds.builder(name, **kwargs)
     except Exception as e:  # TFDS raises several types for unknown or absent datasets
@@ -140,8 +140,8 @@ def _decode_image(value, rgb: bool) -> np.ndarray:
         return array[..., :3] if rgb else array
     with Image.open(io.BytesIO(bytes(value))) as pil:
         pil.load()  # truncated / corrupt payloads fail here, not later
-        if rgb and pil.mode != 'RGB':
-            pil = pil.convert('RGB')  # grayscale, palette, CMYK; RGBA drops its alpha
+        if rgb and pil.mode != "RGB":
+            pil = pil.convert("RGB")  # grayscale, palette, CMYK; RGBA drops its alpha
         array = np.asarray(pil)
     return array if array.ndim == 3 else array[..., None]
 
@@ -154,7 +154,7 @@ class _Decoder:
         self.features = features
 
     def _pad_sequence(self, key, value, plan):
-        n_max = self.cfg['max_objects']
+        n_max = self.cfg["max_objects"]
         spec = self.features[key].feature  # FeaturesDict inside tfds Sequence
         out = {}
         n = None
@@ -165,8 +165,8 @@ class _Decoder:
             out[sub] = arr
         n = n or 0
         mask = np.ones((n,), bool)
-        if 'bbox' in out and plan is not None:
-            out['bbox'], keep = preprocess.crop_boxes(out['bbox'], plan)
+        if "bbox" in out and plan is not None:
+            out["bbox"], keep = preprocess.crop_boxes(out["bbox"], plan)
             mask &= keep
         padded = {}
         for sub, arr in out.items():
@@ -175,42 +175,42 @@ class _Decoder:
                 arr = arr.astype(np.int32)
             pad = np.zeros((n_max - arr.shape[0],) + arr.shape[1:], arr.dtype)
             padded[sub] = np.concatenate([arr, pad])
-        padded['mask'] = np.concatenate([mask[:n_max], np.zeros(n_max - min(n, n_max), bool)])
+        padded["mask"] = np.concatenate([mask[:n_max], np.zeros(n_max - min(n, n_max), bool)])
         return padded
 
     def __call__(self, record: dict, rng: np.random.Generator) -> dict:
         # Draw both numbers every time so the random stream does not depend on settings.
         crop_rng = np.random.default_rng(rng.integers(2**63))
-        flip = bool(rng.random() < 0.5) and self.cfg['random_flip']
+        flip = bool(rng.random() < 0.5) and self.cfg["random_flip"]
         return self.decode(record, flip, crop_rng)
 
     def decode(self, record: dict, flip: bool, crop_rng: np.random.Generator | None = None) -> dict:
         cfg = self.cfg
         try:
-            image = _decode_image(record[cfg['image_key']], rgb=True)
+            image = _decode_image(record[cfg["image_key"]], rgb=True)
             plan = None
-            if cfg['resolution'] is not None:
+            if cfg["resolution"] is not None:
                 plan = preprocess.plan_crop(
                     image.shape[0],
                     image.shape[1],
-                    int(cfg['resolution']),
-                    crop_rng if cfg['random_crop'] else None,
+                    int(cfg["resolution"]),
+                    crop_rng if cfg["random_crop"] else None,
                     flip,
                 )
-                image = preprocess.apply_crop(image, plan, cfg['resize_method'])
+                image = preprocess.apply_crop(image, plan, cfg["resize_method"])
             elif flip:
                 plan = preprocess.CropPlan(*image.shape[:2], 0, 0, image.shape[0], True)
                 image = image[:, ::-1]
-            out = {'image': preprocess.to_float(image)}
-            for key in cfg['keys']:
+            out = {"image": preprocess.to_float(image)}
+            for key in cfg["keys"]:
                 feature, value = self.features[key], record[key]
                 if _is_image_feature(feature):
                     label_map = _decode_image(value, rgb=False)
                     out[key] = (
-                        preprocess.apply_crop(label_map, plan, 'nearest') if plan is not None else label_map
+                        preprocess.apply_crop(label_map, plan, "nearest") if plan is not None else label_map
                     )
                 elif _is_text_feature(feature):
-                    text = value.decode('utf-8') if isinstance(value, bytes) else str(value)
+                    text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
                     out[key] = preprocess.mirror_text(text) if flip else text
                 elif isinstance(value, dict):
                     out[key] = self._pad_sequence(key, value, plan)
@@ -219,14 +219,14 @@ class _Decoder:
                     out[key] = arr.astype(np.int32) if arr.dtype == np.int64 else arr
             return out
         except Exception as e:  # pylint: disable=broad-except
-            return {_CORRUPT: f'{type(e).__name__}: {e}'}
+            return {_CORRUPT: f"{type(e).__name__}: {e}"}
 
 
 def _skip_corrupt(transform):
     """Runs a user transform only on good records."""
-    if hasattr(transform, 'random_map'):
+    if hasattr(transform, "random_map"):
         return (lambda x, rng: x if _CORRUPT in x else transform.random_map(x, rng)), True
-    fn = transform.map if hasattr(transform, 'map') else transform
+    fn = transform.map if hasattr(transform, "map") else transform
     return (lambda x: x if _CORRUPT in x else fn(x)), False
 
 
@@ -259,18 +259,18 @@ class _DropCorruptIterator(grain.DatasetIterator):
             if not self._warned:
                 self._warned = True
                 logging.warning(
-                    'Skipping corrupt record(s) in dataset %s (first: %s); the count is '
+                    "Skipping corrupt record(s) in dataset %s (first: %s); the count is "
                     "the loader iterator's `skipped` attribute.",
                     self._name,
                     element[_CORRUPT],
                 )
 
     def get_state(self):
-        return {'parent': self._parent.get_state(), 'skipped': self._skipped}
+        return {"parent": self._parent.get_state(), "skipped": self._skipped}
 
     def set_state(self, state):
-        self._parent.set_state(state['parent'])
-        self._skipped = int(state['skipped'])
+        self._parent.set_state(state["parent"])
+        self._skipped = int(state["skipped"])
 
 
 class _HostSlice(grain.MapDataset):
@@ -317,11 +317,11 @@ class LoaderIterator(grain.DatasetIterator):
         return batch
 
     def get_state(self):
-        return {'pipeline': self._parent.get_state(), 'skipped': self.skipped}
+        return {"pipeline": self._parent.get_state(), "skipped": self.skipped}
 
     def set_state(self, state):
-        self._parent.set_state(state['pipeline'])
-        self.skipped = int(state['skipped'])
+        self._parent.set_state(state["pipeline"])
+        self.skipped = int(state["skipped"])
 
 
 def make_dataset(
@@ -348,11 +348,11 @@ def make_dataset(
         process_index, process_count = jax.process_index(), jax.process_count()
     if global_batch_size % process_count:
         raise ValueError(
-            f'global_batch_size {global_batch_size} must be divisible by the '
-            f'number of processes {process_count}'
+            f"global_batch_size {global_batch_size} must be divisible by the "
+            f"number of processes {process_count}"
         )
     cfg = _settings(data_cfg)
-    if cfg['latents_dir']:
+    if cfg["latents_dir"]:
         from latent_diffusion.data import latents  # pylint: disable=g-import-not-at-top
 
         return latents.make_dataset(cfg, split, global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
@@ -376,10 +376,10 @@ def global_batches(source, example_fn, cfg: dict, name: str, split: str, *, glob
     length (images, or their stored latents) get the same order and the same random numbers.
     """
     ds = grain.MapDataset.source(source)
-    if len(ds) < global_batch_size and (cfg['drop_remainder'] or process_count > 1):
+    if len(ds) < global_batch_size and (cfg["drop_remainder"] or process_count > 1):
         raise ValueError(
             f"split '{split}' of '{name}' has {len(source)} examples, fewer "
-            f'than one global batch of {global_batch_size}'
+            f"than one global batch of {global_batch_size}"
         )
     ds = ds.seed(seed)
     if shuffle:
@@ -396,17 +396,17 @@ def open_source(cfg: dict, split: str):
 
     builder = _open_builder(cfg)
     features = builder.info.features
-    wanted = (cfg['image_key'],) + cfg['keys']
+    wanted = (cfg["image_key"],) + cfg["keys"]
     missing = [k for k in wanted if k not in features]
     if missing:
         raise KeyError(
             f"dataset '{builder.name}' has no feature(s) {missing}; its features are "
-            f'{sorted(features.keys())} (set data.image_key / data.keys accordingly)'
+            f"{sorted(features.keys())} (set data.image_key / data.keys accordingly)"
         )
-    if split not in builder.info.splits and split.split('[')[0] not in builder.info.splits:
+    if split not in builder.info.splits and split.split("[")[0] not in builder.info.splits:
         raise ValueError(
             f"dataset '{builder.name}' has no split '{split}'; it has "
-            f'{sorted(builder.info.splits.keys())}'
+            f"{sorted(builder.info.splits.keys())}"
         )
     decoders = {k: tfds.decode.SkipDecoding() for k in wanted if _is_image_feature(features[k])}
     try:
@@ -414,8 +414,8 @@ def open_source(cfg: dict, split: str):
     except NotImplementedError as e:
         raise ValueError(
             f"dataset '{builder.name}' in '{builder.data_dir}' is not stored in a random-access "
-            'format; re-prepare it with `--file_format=array_record` (or convert it with '
-            '`tfds convert_format --out_file_format=array_record`).'
+            "format; re-prepare it with `--file_format=array_record` (or convert it with "
+            "`tfds convert_format --out_file_format=array_record`)."
         ) from e
     return builder, features, source
 
@@ -429,9 +429,9 @@ def batched(ds, cfg: dict, name: str, *, global_batch_size: int, extra_transform
         fn, is_random = _skip_corrupt(transform)
         ds = ds.random_map(fn) if is_random else ds.map(fn)
     read = grain.ReadOptions(
-        num_threads=int(cfg['num_threads']), prefetch_buffer_size=int(cfg['prefetch_buffer_size'])
+        num_threads=int(cfg["num_threads"]), prefetch_buffer_size=int(cfg["prefetch_buffer_size"])
     )
     it_ds = _DropCorruptDataset(ds.to_iter_dataset(read), name)
-    it_ds = it_ds.batch(global_batch_size // process_count, drop_remainder=bool(cfg['drop_remainder']),
+    it_ds = it_ds.batch(global_batch_size // process_count, drop_remainder=bool(cfg["drop_remainder"]),
                         batch_fn=_collate)
     return LoaderIterator(iter(it_ds))

@@ -14,10 +14,10 @@ import numpy as np
 from PIL import Image
 
 _PIL_METHODS = {
-    'bicubic': Image.Resampling.BICUBIC,
-    'area': Image.Resampling.BOX,
-    'bilinear': Image.Resampling.BILINEAR,
-    'nearest': Image.Resampling.NEAREST,
+    "bicubic": Image.Resampling.BICUBIC,
+    "area": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
 }
 
 
@@ -31,10 +31,10 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.round((np.asarray(image, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def resize(image: np.ndarray, height: int, width: int, method: str = 'bicubic') -> np.ndarray:
+def resize(image: np.ndarray, height: int, width: int, method: str = "bicubic") -> np.ndarray:
     """Resizes an HWC (or HW) uint8 or float image with PIL; keeps dtype and rank."""
     if method not in _PIL_METHODS:
-        raise ValueError(f'resize method {method!r} unknown; expected one of {sorted(_PIL_METHODS)}')
+        raise ValueError(f"resize method {method!r} unknown; expected one of {sorted(_PIL_METHODS)}")
     image = np.asarray(image)
     if image.shape[:2] == (height, width):
         return image
@@ -49,7 +49,7 @@ def resize(image: np.ndarray, height: int, width: int, method: str = 'bicubic') 
     else:  # float (or odd channel counts): PIL's 32-bit float mode, one channel at a time
         chans = [
             np.asarray(
-                Image.fromarray(np.asarray(image[..., c], np.float32), mode='F').resize(
+                Image.fromarray(np.asarray(image[..., c], np.float32), mode="F").resize(
                     (width, height), resample
                 )
             )
@@ -85,7 +85,7 @@ def plan_crop(
     return CropPlan(nh, nw, top, left, resolution, flip)
 
 
-def apply_crop(image: np.ndarray, plan: CropPlan, method: str = 'bicubic') -> np.ndarray:
+def apply_crop(image: np.ndarray, plan: CropPlan, method: str = "bicubic") -> np.ndarray:
     out = resize(image, plan.height, plan.width, method)
     r = plan.resolution
     out = out[plan.top : plan.top + r, plan.left : plan.left + r]
@@ -106,9 +106,9 @@ def crop_boxes(boxes: np.ndarray, plan: CropPlan) -> tuple[np.ndarray, np.ndarra
     return out, keep
 
 
-_MIRRORED_WORDS = {'left': 'right', 'right': 'left', 'Left': 'Right', 'Right': 'Left', 'LEFT': 'RIGHT',
-                   'RIGHT': 'LEFT'}
-_SIDE_WORD = re.compile(r'\b(left|right)\b', re.IGNORECASE)
+_MIRRORED_WORDS = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT",
+                   "RIGHT": "LEFT"}
+_SIDE_WORD = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 
 def mirror_text(text: str) -> str:
@@ -120,12 +120,12 @@ def mirror_text(text: str) -> str:
     return _SIDE_WORD.sub(lambda m: _MIRRORED_WORDS.get(m.group(0), m.group(0)), text)
 
 
-def center_crop(image: np.ndarray, resolution: int, method: str = 'bicubic') -> np.ndarray:
+def center_crop(image: np.ndarray, resolution: int, method: str = "bicubic") -> np.ndarray:
     return apply_crop(image, plan_crop(*np.shape(image)[:2], resolution), method)
 
 
 def random_crop(
-    rng: np.random.Generator, image: np.ndarray, resolution: int, method: str = 'bicubic'
+    rng: np.random.Generator, image: np.ndarray, resolution: int, method: str = "bicubic"
 ) -> np.ndarray:
     return apply_crop(image, plan_crop(*np.shape(image)[:2], resolution, rng), method)
 
@@ -137,8 +137,8 @@ def lowres(image: np.ndarray, factor: int = 4) -> np.ndarray:
         return np.stack([lowres(x, factor) for x in image])
     h, w = image.shape[:2]
     if h % factor or w % factor:
-        raise ValueError(f'lowres: image size {h}x{w} is not divisible by factor {factor}')
-    return resize(image, h // factor, w // factor, 'bicubic')
+        raise ValueError(f"lowres: image size {h}x{w} is not divisible by factor {factor}")
+    return resize(image, h // factor, w // factor, "bicubic")
 
 
 def _stroke(mask: np.ndarray, rng: np.random.Generator, yy, xx) -> None:
@@ -162,7 +162,7 @@ def random_inpaint_mask(
     rng: np.random.Generator, h: int, w: int, max_boxes: int = 3, max_strokes: int = 4
 ) -> np.ndarray:
     """Random boxes and thick strokes; float32 (h, w, 1) with 1 = region to fill, 0 = keep."""
-    yy, xx = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing='ij')
+    yy, xx = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
     mask = np.zeros((h, w), bool)
     n_boxes = int(rng.integers(0, max_boxes + 1))
     n_strokes = int(rng.integers(0 if n_boxes else 1, max_strokes + 1))
@@ -182,6 +182,6 @@ def one_hot_segmentation(seg: np.ndarray, num_classes: int) -> np.ndarray:
         seg = seg[..., 0]
     if seg.size and (seg.min() < 0 or seg.max() >= num_classes):
         raise ValueError(
-            f'segmentation values must lie in [0, {num_classes}); ' f'got [{seg.min()}, {seg.max()}]'
+            f"segmentation values must lie in [0, {num_classes}); " f"got [{seg.min()}, {seg.max()}]"
         )
     return np.eye(num_classes, dtype=np.float32)[seg]

@@ -66,19 +66,19 @@ class SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask: Optional[jax.Array] = None):
-        b, l, _ = x.shape
+        b, n, _ = x.shape
         inner = self.heads * self.head_dim
 
         def proj(name, bias):
             y = nn.Dense(inner, use_bias=bias, kernel_init=self.kernel_init, dtype=self.dtype,
                          param_dtype=self.param_dtype, name=name)(x)
-            return y.reshape(b, l, self.heads, self.head_dim)
+            return y.reshape(b, n, self.heads, self.head_dim)
 
         q, k, v = proj("q_proj", self.qkv_bias), proj("k_proj", self.qkv_bias), proj("v_proj", self.qkv_bias)
         # The XLA path accumulates logits and runs the softmax in float32 for low-precision inputs.
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)
         return nn.Dense(self.out_features, kernel_init=self.kernel_init, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="out_proj")(out.reshape(b, l, inner))
+                        param_dtype=self.param_dtype, name="out_proj")(out.reshape(b, n, inner))
 
 
 class MLP(nn.Module):

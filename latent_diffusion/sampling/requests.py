@@ -150,7 +150,7 @@ def _json_record(text: str, source: str, line: int, num_classes: int | None, bas
         rec = json.loads(text)
     except json.JSONDecodeError as e:
         raise RequestError(f"{where}: not valid JSON ({e.msg}); JSONL files need one object per line, "
-                           f"e.g. {{\"prompt\": \"a red cube\", \"seed\": 3}}") from None
+                           f'e.g. {{"prompt": "a red cube", "seed": 3}}') from None
     if not isinstance(rec, dict):
         raise RequestError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     unknown = sorted(set(rec) - set(JSON_FIELDS))
