@@ -16,9 +16,7 @@ rerun with the same flags makes only the missing samples. Every host of a multi-
 the same command.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
 
 from absl import app, flags  # noqa: E402

@@ -7,9 +7,7 @@ Every host of a multi-host job runs the same command. Running it again with the 
 --workdir resumes from the last checkpoint.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
 
 from absl import app, flags  # noqa: E402

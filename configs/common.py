@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from latent_diffusion import config_fields
+
 
 def parse_arg(arg: str | None, known: dict) -> dict:
     """'tiny' or 'f=8' or 'f=8,tiny' -> {'tiny': True, 'f': 8}; unknown names fail at start."""
@@ -53,18 +55,9 @@ def optimizer(lr: float, **kw) -> ml_collections.ConfigDict:
     return cfg
 
 
-def data(name: str = "shapes", **kw) -> ml_collections.ConfigDict:
-    """The loader's fields (latent_diffusion/data/loader.py: DATA_DEFAULTS); unknown keys fail."""
-    from latent_diffusion.data.loader import default_data_config
-    cfg = default_data_config()
-    # FieldReferences so a str can be set on the command line where the default is None.
-    cfg.data_dir = ml_collections.FieldReference(None, field_type=str)
-    cfg.config = ml_collections.FieldReference(None, field_type=str)
-    cfg.version = ml_collections.FieldReference(None, field_type=str)
-    cfg.update(dict(name=name, resolution=64, random_flip=True, num_threads=2,
-                    prefetch_buffer_size=16))
-    cfg.update(kw)
-    return cfg
+def data(**kw) -> ml_collections.ConfigDict:
+    """The loader's fields with their defaults (latent_diffusion/config_fields.py: DATA); unknown keys fail."""
+    return config_fields.config_dict(config_fields.DATA, "data", **kw)
 
 
 def base(task: str) -> ml_collections.ConfigDict:

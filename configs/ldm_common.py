@@ -4,6 +4,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import autoencoder_kl, autoencoder_vq, common
+from latent_diffusion import config_fields
 
 
 def unet(*, in_channels, out_channels, model_channels, channel_mult, attention_resolutions, num_res_blocks=2,
@@ -79,15 +80,8 @@ def base(*, lr: float, batch_size: int, num_train_steps: int, tiny: bool):
         c.eval_batch_size, c.num_eval_batches = batch_size, 10
         c.log_every, c.eval_every, c.checkpoint.every = 100, 10_000, 5_000
         c.data = common.data(name="", resolution=256, random_crop=False)
-    c.data.latents_dir = ""  # or a folder from scripts/precompute_latents.py: train on stored latents
     # Fine-tuning: a fresh run starts from imported weights (ignored when a run resumes its own checkpoint).
-    c.init = ml_collections.ConfigDict(dict(
-        checkpoint="",  # a CompVis / Stable Diffusion .ckpt or .safetensors (needs compvis_config)
-        compvis_config="",  # that checkpoint's yaml (e.g. v1-inference.yaml): the UNet's architecture
-        diffusers_unet="",  # a diffusers UNet folder (config.json + diffusion_pytorch_model.*)
-        workdir="",  # another LDM run of ours
-        use_ema=True,  # the source's EMA weights where it has them
-        allow_new_input_channels=False))  # zero-init extra unet conv_in input channels (inpainting)
+    c.init = config_fields.config_dict(config_fields.INIT, "init")
     return c
 
 

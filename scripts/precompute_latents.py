@@ -17,7 +17,7 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, not scripts/
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
@@ -44,10 +44,10 @@ class _ShardRows:
         return out
 
     def element(self, i, view):
-        from latent_diffusion.data import latents
+        from latent_diffusion.data.loader import CORRUPT
         e = self.decoder.decode(self.source[i], flip=bool(view))
-        if latents._CORRUPT not in e and e["image"].shape != (self.res, self.res, 3):
-            e = {latents._CORRUPT: f"decoded to {e['image'].shape}, expected ({self.res}, {self.res}, 3)"}
+        if CORRUPT not in e and e["image"].shape != (self.res, self.res, 3):
+            e = {CORRUPT: f"decoded to {e['image'].shape}, expected ({self.res}, {self.res}, 3)"}
         self.fields.setdefault(i, [None] * self.views)[view] = {k: v for k, v in e.items() if k != "image"}
         return e.get("image", np.zeros((self.res, self.res, 3), np.float32))
 
@@ -96,7 +96,7 @@ def precompute(config, out: str, split: str = "train", shard_size: int = 2048, b
     if config.conditioning.concat in ("lowres", "inpaint"):
         raise ValueError(f"conditioning.concat={config.conditioning.concat!r} needs the image at every step; "
                          "precomputed latents are not supported for it yet: train from images")
-    cfg = loader._settings(config.data)  # pylint: disable=protected-access
+    cfg = loader.settings(config.data)
     cfg["latents_dir"] = ""
     if cfg["random_crop"]:
         raise ValueError("data.random_crop=True: random crops cannot be encoded once; set "
@@ -108,7 +108,7 @@ def precompute(config, out: str, split: str = "train", shard_size: int = 2048, b
         first_stage = first_stage_lib.load(config.first_stage, partitioning.make_mesh())
     views = 2 if cfg["random_flip"] else 1
     builder, features, source = loader.open_source(cfg, split)
-    decoder = loader._Decoder(cfg, features)  # pylint: disable=protected-access
+    decoder = loader.ExampleDecoder(cfg, features)
     n = len(source)
     num_shards = max(1, math.ceil(n / shard_size))
     folder = latents.split_dir(out, split)
@@ -150,7 +150,7 @@ def precompute(config, out: str, split: str = "train", shard_size: int = 2048, b
                     for v in range(views):  # rows another host decoded: their fields, read here
                         rows.element(i, v)
                 fields = rows.fields[i]
-                bad = next((v[latents._CORRUPT] for v in fields if latents._CORRUPT in v), None)
+                bad = next((v[loader.CORRUPT] for v in fields if loader.CORRUPT in v), None)
                 if bad is not None:
                     writer.write(latents.encode_record(None, corrupt=bad))
                     continue

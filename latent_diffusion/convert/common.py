@@ -1,6 +1,7 @@
 """Shared pieces of every converter: reading checkpoint files, layout changes, key bookkeeping."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Iterable, Mapping
 
@@ -123,6 +124,22 @@ def check_tree_shapes(expected: Any, actual: Any, what: str = "params") -> None:
     if problems:
         raise ValueError(f"{what} do not match the model ({len(problems)} problem(s)): "
                          + "; ".join(problems[:20]) + (" ..." if len(problems) > 20 else ""))
+
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def read_pretrained_folder(folder: str, weight_names: Iterable[str], what: str) -> tuple[dict, str]:
+    """(config.json as a dict, the first of `weight_names` present) of a folder as save_pretrained writes it."""
+    weight_names = list(weight_names)
+    config_path = os.path.join(folder, "config.json")
+    weights = next((os.path.join(folder, n) for n in weight_names if os.path.isfile(os.path.join(folder, n))), None)
+    if not os.path.isfile(config_path) or weights is None:
+        raise FileNotFoundError(f"{what}={folder!r} is not a model folder: expected config.json and one of "
+                                f"{weight_names} (as save_pretrained writes them)")
+    with open(config_path) as f:
+        return json.load(f), weights
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:

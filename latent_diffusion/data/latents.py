@@ -23,8 +23,10 @@ import os
 import grain
 import numpy as np
 
+from latent_diffusion.data import loader
+from latent_diffusion.data.loader import CORRUPT
+
 FORMAT = 1
-_CORRUPT = "_corrupt"  # the loader's marker for records it drops and counts
 KL_FIELDS = ("z_mean", "z_std")
 VQ_FIELDS = ("z",)
 
@@ -41,7 +43,7 @@ def encode_record(views: list[dict] | None, corrupt: str | None = None) -> bytes
     """Views (dicts of arrays / str / nested dicts) -> .npz bytes; strings as unicode arrays, never pickled."""
     flat = {}
     if corrupt is not None:
-        flat[_CORRUPT] = np.asarray(corrupt)
+        flat[CORRUPT] = np.asarray(corrupt)
     for v, view in enumerate(views or ()):
         for key, value in _flatten(view):
             flat[f"{v}/{key}"] = np.asarray(value)
@@ -53,7 +55,7 @@ def encode_record(views: list[dict] | None, corrupt: str | None = None) -> bytes
 def decode_record(data: bytes) -> tuple[list[dict], str | None]:
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         flat = {k: z[k] for k in z.files}
-    corrupt = flat.pop(_CORRUPT, None)
+    corrupt = flat.pop(CORRUPT, None)
     views: dict[int, dict] = {}
     for name, value in flat.items():
         v, _, key = name.partition("/")
@@ -157,7 +159,7 @@ class _PickView:
         flip = bool(rng.random() < 0.5) and self.flip
         views, corrupt = decode_record(data)
         if corrupt is not None:
-            return {_CORRUPT: corrupt}
+            return {CORRUPT: corrupt}
         view = views[1 if flip else 0]
         return {k: v for k, v in view.items() if k in self.keys}
 
@@ -165,8 +167,6 @@ class _PickView:
 def make_dataset(cfg: dict, split: str, *, global_batch_size: int, seed: int, shuffle: bool, num_epochs,
                  extra_transforms, process_index: int, process_count: int):
     """Like loader.make_dataset, from stored latents; batches carry z_mean/z_std (or z) instead of 'image'."""
-    from latent_diffusion.data import loader  # pylint: disable=g-import-not-at-top
-
     folder = split_dir(cfg["latents_dir"], split)
     meta = read_metadata(cfg["latents_dir"], split)
     check_data(meta, cfg, folder)

@@ -28,54 +28,23 @@ import os
 from typing import Any, Callable, Sequence
 
 import grain
-import ml_collections
 import numpy as np
 from PIL import Image
 
+from latent_diffusion import config_fields
 from latent_diffusion.data import preprocess
 
-_CORRUPT = "_corrupt"
+CORRUPT = "_corrupt"  # the key of a record that is dropped and counted (latents.py marks its own with it too)
 _SKIPPED = "_skipped"
 
-DATA_DEFAULTS = dict(
-    name="shapes",  # 'shapes' (built on demand) or any TFDS name, e.g. 'imagenet2012'
-    data_dir=None,  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
-    config=None,  # TFDS builder config; for shapes None picks it from resolution
-    version=None,  # TFDS version string, None = the builder's default
-    image_key="image",
-    resolution=None,  # shorter side resized to this, then a square crop; None keeps size
-    random_crop=False,  # False: centre crop
-    random_flip=False,
-    resize_method="bicubic",  # 'bicubic' or 'area' (see preprocess.py)
-    keys=(),  # extra features to keep, e.g. ('caption', 'objects')
-    max_objects=16,  # sequence features are padded / truncated to this length
-    drop_remainder=True,
-    train_split="train",  # read by the training loop, not the loader
-    eval_split="test",
-    num_threads=8,  # decode threads per process
-    prefetch_buffer_size=64,  # decoded elements kept ahead of the batcher
-    latents_dir="",  # '': decode images; else first-stage latents from scripts/precompute_latents.py
-)
 
-
-def default_data_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(DATA_DEFAULTS))
-
-
-def _settings(data_cfg) -> dict:
-    given = dict(data_cfg.items()) if hasattr(data_cfg, "items") else dict(data_cfg)
-    unknown = sorted(set(given) - set(DATA_DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"unknown data config key(s) {unknown}; the loader accepts " f"{sorted(DATA_DEFAULTS)}"
-        )
-    cfg = {**DATA_DEFAULTS, **given}
+def settings(data_cfg) -> dict:
+    """config.data (or a dict of some of its fields) as a checked dict of all of them (config_fields.DATA)."""
+    cfg = config_fields.section(data_cfg, config_fields.DATA, "data")
     if cfg["resolution"] is not None and int(cfg["resolution"]) <= 0:
         raise ValueError(f"data.resolution must be a positive int or None, got {cfg['resolution']}")
     if cfg["resize_method"] not in ("bicubic", "area", "bilinear"):
-        raise ValueError(
-            f"data.resize_method must be 'bicubic', 'area' or 'bilinear', " f"got {cfg['resize_method']!r}"
-        )
+        raise ValueError(f"data.resize_method must be 'bicubic', 'area' or 'bilinear', got {cfg['resize_method']!r}")
     cfg["keys"] = tuple(cfg["keys"] or ())
     return cfg
 
@@ -146,8 +115,8 @@ def _decode_image(value, rgb: bool) -> np.ndarray:
     return array if array.ndim == 3 else array[..., None]
 
 
-class _Decoder:
-    """Decodes, crops and flips one record; marks it corrupt instead of raising."""
+class ExampleDecoder:
+    """Decodes, crops and flips one record (a random map for grain); marks it corrupt instead of raising."""
 
     def __init__(self, cfg, features):
         self.cfg = cfg
@@ -219,15 +188,15 @@ class _Decoder:
                     out[key] = arr.astype(np.int32) if arr.dtype == np.int64 else arr
             return out
         except Exception as e:  # pylint: disable=broad-except
-            return {_CORRUPT: f"{type(e).__name__}: {e}"}
+            return {CORRUPT: f"{type(e).__name__}: {e}"}
 
 
 def _skip_corrupt(transform):
     """Runs a user transform only on good records."""
     if hasattr(transform, "random_map"):
-        return (lambda x, rng: x if _CORRUPT in x else transform.random_map(x, rng)), True
+        return (lambda x, rng: x if CORRUPT in x else transform.random_map(x, rng)), True
     fn = transform.map if hasattr(transform, "map") else transform
-    return (lambda x: x if _CORRUPT in x else fn(x)), False
+    return (lambda x: x if CORRUPT in x else fn(x)), False
 
 
 class _DropCorruptDataset(grain.IterDataset):
@@ -252,7 +221,7 @@ class _DropCorruptIterator(grain.DatasetIterator):
     def __next__(self):
         while True:
             element = next(self._parent)
-            if _CORRUPT not in element:
+            if CORRUPT not in element:
                 element[_SKIPPED] = np.int64(self._skipped)
                 return element
             self._skipped += 1
@@ -262,7 +231,7 @@ class _DropCorruptIterator(grain.DatasetIterator):
                     "Skipping corrupt record(s) in dataset %s (first: %s); the count is "
                     "the loader iterator's `skipped` attribute.",
                     self._name,
-                    element[_CORRUPT],
+                    element[CORRUPT],
                 )
 
     def get_state(self):
@@ -351,7 +320,7 @@ def make_dataset(
             f"global_batch_size {global_batch_size} must be divisible by the "
             f"number of processes {process_count}"
         )
-    cfg = _settings(data_cfg)
+    cfg = settings(data_cfg)
     if cfg["latents_dir"]:
         from latent_diffusion.data import latents  # pylint: disable=g-import-not-at-top
 
@@ -359,7 +328,7 @@ def make_dataset(
                                     num_epochs=num_epochs, extra_transforms=extra_transforms,
                                     process_index=process_index, process_count=process_count)
     builder, features, source = open_source(cfg, split)
-    return global_batches(source, _Decoder(cfg, features), cfg, builder.name, split,
+    return global_batches(source, ExampleDecoder(cfg, features), cfg, builder.name, split,
                           global_batch_size=global_batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                           extra_transforms=extra_transforms, process_index=process_index,
                           process_count=process_count)
@@ -391,7 +360,7 @@ def global_batches(source, example_fn, cfg: dict, name: str, split: str, *, glob
 
 
 def open_source(cfg: dict, split: str):
-    """(builder, features, random-access source) of a split; `cfg` as `_settings` returns it."""
+    """(builder, features, random-access source) of a split; `cfg` as `settings` returns it."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     builder = _open_builder(cfg)

@@ -6,6 +6,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from latent_diffusion import config_fields
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -18,14 +20,10 @@ def dtype_of(name: str):
 def module_kwargs(cls, cfg: Any, skip: tuple[str, ...] = ("kind",), where: str = "model") -> dict:
     """Module fields from a ConfigDict section; unknown keys fail with the key's name."""
     fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")}
-    values = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    values = {k: v for k, v in (cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)).items() if k not in skip}
+    config_fields.check_known(values, fields, where, what=f"the fields of {cls.__name__} are")
     out = {}
     for key, value in values.items():
-        if key in skip:
-            continue
-        if key not in fields:
-            raise ValueError(f"config.{where}.{key} is not a field of {cls.__name__}; "
-                             f"known fields: {sorted(fields)}")
         if key in ("dtype", "param_dtype"):
             value = dtype_of(value)
         elif isinstance(value, list):
@@ -47,10 +45,6 @@ def autoencoder(cfg: Any):
 def unet(cfg: Any):
     from latent_diffusion.models.unet import UNet
     return UNet(**module_kwargs(UNet, cfg, skip=(), where="unet"))
-
-
-def text_encoder_kwargs(cfg: Any, cls) -> dict:
-    return module_kwargs(cls, cfg, skip=(), where="conditioning.text.model")
 
 
 def clip_text_encoder(cfg: Any):

@@ -9,7 +9,6 @@ A frozen CLIP text encoder is loaded by the task itself (conditioning.text.check
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Mapping
@@ -19,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from latent_diffusion import config_fields
+
 log = logging.getLogger(__name__)
 
-DEFAULTS = dict(checkpoint="", compvis_config="", diffusers_unet="", workdir="", use_ema=True,
-                allow_new_input_channels=False)
 SOURCES = ("checkpoint", "diffusers_unet", "workdir")
 INPUT_CONV = "unet/conv_in/kernel"
 _MAX_LISTED = 20
@@ -30,13 +29,8 @@ _MAX_LISTED = 20
 
 def init_config(config) -> tuple[dict, str | None]:
     """(the init fields with defaults, the chosen source key or None); a config without `init` is empty."""
-    raw = config.get("init", None) if hasattr(config, "get") else None
-    raw = {} if raw is None else (raw.to_dict() if hasattr(raw, "to_dict") else dict(raw))
-    unknown = sorted(set(raw) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown config key(s) init.{', init.'.join(unknown)}; expected some of "
-                         f"{sorted(DEFAULTS)}")
-    cfg = {**DEFAULTS, **raw}
+    cfg = config_fields.section(config.get("init", None) if hasattr(config, "get") else None, config_fields.INIT,
+                                "init")
     chosen = [k for k in SOURCES if cfg[k]]
     if len(chosen) > 1:
         raise ValueError(f"set exactly one init source, got {', '.join(f'init.{k}={cfg[k]!r}' for k in chosen)}; "
@@ -87,14 +81,6 @@ def loaded_roles(loaded: Mapping) -> dict:
 def _flat(tree: Mapping, prefix: str = "") -> dict:
     """{'a/b/c': leaf} for a nested dict of params."""
     return {prefix + k: v for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
-
-
-def _rebuild(tree: Mapping, new: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}{k}"
-        out[k] = _rebuild(v, new, path + "/") if isinstance(v, Mapping) else new.get(path, v)
-    return out
 
 
 def _shape(x) -> tuple:
@@ -157,7 +143,9 @@ def place(loaded: Mapping, target: Mapping, *, allow_new_input_channels: bool = 
         log.info("init: %s has %d input channels, the model %d: copied them into the first %d channels of %s "
                  "and set the other %d to zero", what, padded[0], padded[1], padded[0], INPUT_CONV,
                  padded[1] - padded[0])
-    return _rebuild(target, new)
+    # Empty subtrees (a conditioner without params) stay in the tree.
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(target, sep="/", keep_empty_nodes=True),
+                                         **new}, sep="/")
 
 
 def _more_input_channels(s: tuple, t: tuple) -> bool:
@@ -255,17 +243,12 @@ def _from_compvis(cfg: dict, task, target: Mapping) -> tuple[dict, str]:
 
 def _from_diffusers(cfg: dict, task) -> tuple[dict, str]:
     from latent_diffusion import convert
+    from latent_diffusion.convert.common import DIFFUSERS_WEIGHTS, read_pretrained_folder
     folder = cfg["diffusers_unet"]
     if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
             os.path.join(folder, "unet", "config.json")):
         folder = os.path.join(folder, "unet")  # a whole pipeline folder
-    names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-    weights = next((os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))), None)
-    if not os.path.isfile(os.path.join(folder, "config.json")) or weights is None:
-        raise FileNotFoundError(f"init.diffusers_unet={cfg['diffusers_unet']!r} is not a diffusers UNet folder: "
-                                f"expected config.json and one of {list(names)} (as save_pretrained writes them)")
-    with open(os.path.join(folder, "config.json")) as f:
-        hf_config = json.load(f)
+    hf_config, weights = read_pretrained_folder(folder, DIFFUSERS_WEIGHTS, "init.diffusers_unet")
     name = hf_config.get("_class_name")
     if name not in ("UNet2DConditionModel", "UNet2DModel"):
         raise ValueError(f"init.diffusers_unet: {folder} holds a {name!r}, not a UNet2DConditionModel or "

@@ -10,6 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from latent_diffusion import config_fields
 from latent_diffusion.data import loader, preprocess, shapes
 
 KEYS = ("caption", "label", "objects", "segmentation")
@@ -23,10 +24,11 @@ def shapes_dir(tmp_path_factory):
 
 
 def _cfg(data_dir, **overrides):
-    cfg = loader.default_data_config()
+    cfg = config_fields.config_dict(config_fields.DATA, "data")
     cfg.update(
         dict(
             name="shapes",
+            random_flip=False,
             config="tiny",
             data_dir=data_dir,
             resolution=32,

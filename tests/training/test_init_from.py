@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from latent_diffusion import config_fields
 from latent_diffusion.training import init_from, partitioning
 from latent_diffusion.training.loop import train_and_evaluate
 from tests.tiny_ldm import text_ldm_config
@@ -21,7 +22,7 @@ def tiny_config(data_dir, steps=2, **init):
     c.num_train_steps, c.log_every, c.eval_every, c.checkpoint.every = steps, 1, 1000, 1
     c.optim.warmup_steps = 0
     if init:
-        c.init = ml_collections.ConfigDict(dict(init_from.DEFAULTS, **init))
+        c.init = ml_collections.ConfigDict(dict(config_fields.INIT, **init))
     return c
 
 
@@ -145,7 +146,7 @@ def test_new_input_channels_zero_padded(shapes_data_dir, tmp_path):
 def test_config_errors_and_no_init():
     state = object()
     assert init_from.apply(ml_collections.ConfigDict(dict(task="ldm")), None, state) is state
-    two = ml_collections.ConfigDict(dict(task="ldm", init=dict(init_from.DEFAULTS, workdir="a", checkpoint="b")))
+    two = ml_collections.ConfigDict(dict(task="ldm", init=dict(config_fields.INIT, workdir="a", checkpoint="b")))
     with pytest.raises(ValueError, match="exactly one init source"):
         init_from.apply(two, None, state)
     typo = ml_collections.ConfigDict(dict(task="ldm", init=dict(workdri="a")))

@@ -48,9 +48,9 @@ def test_stored_latents_equal_first_stage_encode(stored):
     assert meta["complete"] and meta["num_examples"] == 64 and meta["views"] == 2
     assert meta["shards"] == ["shard-00000.array_record", "shard-00001.array_record", "shard-00002.array_record"]
     assert meta["latent_shape"] == [16, 16, fs.latent_channels]
-    cfg = loader._settings(tiny_config(stored["data_dir"]).data)
+    cfg = loader.settings(tiny_config(stored["data_dir"]).data)
     _, features, source = loader.open_source(cfg, "train")
-    decoder = loader._Decoder(cfg, features)
+    decoder = loader.ExampleDecoder(cfg, features)
     reader = array_record_module.ArrayRecordReader(os.path.join(stored["out"], "train", meta["shards"][1]))
     records = [latents.decode_record(reader.read())[0] for _ in range(6)]
     reader.close()
