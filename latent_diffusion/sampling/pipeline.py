@@ -33,6 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from latent_diffusion.data import preprocess
 from latent_diffusion.diffusion import objectives, samplers
 from latent_diffusion.models import conditioning
+from latent_diffusion.sampling.ldm_model import LDMModel
 from latent_diffusion.sampling.requests import RequestError, WorkItem, check_strength
 from latent_diffusion.training import checkpointing, partitioning
 
@@ -46,7 +47,7 @@ STRENGTH_UNIT = 10 ** 6
 
 def load_ldm(workdir: str, mesh, *, use_ema: bool = True, step: int | None = None,
              attention_impl: str | None = None):
-    """(task, model params, frozen params, meta) of an LDM training workdir.
+    """(task, model params, frozen params, meta) of an LDM training workdir; the task is the run's LDMTask.
 
     `attention_impl` overrides the run's `unet.attention_impl` (e.g. 'cudnn' on NVIDIA GPUs).
     """
@@ -196,7 +197,8 @@ def _blend_fn(schedule, x0, noise, keep, t_start):
 
 class LDMGenerator:
     """Samples a latent diffusion model in one of `MODES`, with classifier-free guidance where it has a
-    cross-attention or class condition; follows `sampling.jobs.Generator`.
+    cross-attention or class condition; follows `sampling.jobs.Generator`. `task` is the model's
+    `LDMModel` (an `LDMTask` is one): its conditions, guided model function and sampler run here.
 
     Call `check_items` with the whole job first: it reports every bad request before anything runs,
     and lets img2img start at the job's largest strength (without it, every img2img batch runs all
@@ -205,7 +207,7 @@ class LDMGenerator:
     the model outputs of those held steps into their multistep history.
     """
 
-    def __init__(self, task, params, frozen, *, image_size: int, sampler: str = "ddim", guidance: float = 5.0,
+    def __init__(self, task: LDMModel, params, frozen, *, image_size: int, sampler: str = "ddim", guidance: float = 5.0,
                  eta: float = 0.0, negative_prompt: str = "", mode: str = "auto", strength: float = 0.75,
                  inpaint_method: str | None = None, mesh=None):
         self.task, self.params, self.frozen = task, params, frozen

@@ -111,12 +111,3 @@ def vq_reconstruction_loss(x: jax.Array, xrec: jax.Array, perceptual: jax.Array 
     nll = jnp.mean(rec)
     return nll, nll, nll
 
-
-def gaussian_kl_loss(mean: jax.Array, logvar: jax.Array) -> jax.Array:
-    """KL(N(mean, exp(logvar)) || N(0, 1)) summed per sample, averaged over the batch (the reference's sum / B).
-
-    logvar is clamped to [-30, 20] as DiagonalGaussianDistribution does.
-    """
-    mean, logvar = _f32(mean), jnp.clip(_f32(logvar), -30.0, 20.0)
-    kl = 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
-    return kl / mean.shape[0]

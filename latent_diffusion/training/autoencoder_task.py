@@ -18,7 +18,8 @@ import optax
 from latent_diffusion.models import build
 from latent_diffusion.training import ae_losses
 from latent_diffusion.training.optimizers import did_update, make_optimizer
-from latent_diffusion.training.state import TrainState, ema_step
+from latent_diffusion.training.first_stage import encode_latents
+from latent_diffusion.training.state import TrainState, ema_step, eval_params
 
 log = logging.getLogger(__name__)
 
@@ -124,91 +125,103 @@ class AutoencoderTask:
         return logits, upd["batch_stats"]
 
     def train_step(self, state, batch, rng, frozen):
+        """The generator's update, then the discriminator's on the same (detached) reconstructions."""
         cfg = self.config.loss
         x = batch["image"]
-        r_sample, r_drop = jax.random.split(rng)
         disc_factor = ae_losses.adopt_weight(float(cfg.disc_factor), state.step, int(cfg.disc_start))
-        dparams, dstats = state.params["disc"], state.model_state["disc_batch_stats"]
-        gen = {"model": state.params["model"], "logvar": state.params["logvar"]}
-
-        def gen_loss(g):
-            logvar = g["logvar"] if cfg.learn_logvar else jax.lax.stop_gradient(g["logvar"])
-            if self.kind == "kl":
-                xrec, aux = self.model.apply({"params": g["model"]}, x, sample_posterior=True,
-                                             deterministic=False,
-                                             rngs={"sample": r_sample, "dropout": r_drop})
-            else:
-                xrec, aux = self.model.apply({"params": g["model"]}, x, deterministic=False,
-                                             rngs={"dropout": r_drop})
-            weighted, nll, rec, p = self._rec_terms(frozen, x, xrec, logvar)
-            metrics = {"rec_loss": rec, "p_loss": p, "nll_loss": nll, "logvar": logvar}
-            loss = weighted
-            if self.kind == "kl":
-                kl = jnp.mean(aux["posterior"].kl())
-                loss = loss + cfg.kl_weight * kl
-                metrics["kl_loss"] = kl
-            else:
-                loss = loss + cfg.codebook_weight * aux["codebook_loss"]
-                metrics.update(codebook_loss=aux["codebook_loss"], perplexity=aux["perplexity"],
-                               codebook_usage=aux["codebook_usage"])
-            if self.use_gan:
-                h = jax.lax.stop_gradient(aux["decoder_features"])
-                last = jax.lax.stop_gradient(g["model"]["decoder"]["conv_out"])
-                head = lambda w: self._conv_out.apply({"params": w}, h)
-                sg_logvar = jax.lax.stop_gradient(logvar)
-
-                def gan_on(_):
-                    g_loss = -jnp.mean(self._disc_logits(dparams, dstats, xrec)[0])
-                    d_weight = ae_losses.adaptive_disc_weight(
-                        lambda w: self._rec_terms(frozen, x, head(w), sg_logvar)[1],
-                        lambda w: -jnp.mean(self._disc_logits(dparams, dstats, head(w))[0]),
-                        last, float(cfg.disc_weight))
-                    return g_loss, d_weight
-
-                g_loss, d_weight = jax.lax.cond(disc_factor > 0, gan_on,
-                                                lambda _: (jnp.zeros(()), jnp.zeros(())), None)
-                loss = loss + d_weight * disc_factor * g_loss
-                metrics.update(g_loss=g_loss, d_weight=d_weight)
-            return loss, (xrec, metrics)
-
-        (loss, (xrec, metrics)), grads = jax.value_and_grad(gen_loss, has_aux=True)(gen)
-        updates, gen_opt = self.gen_tx.update(grads, state.opt_state["gen"], gen)
-        new_gen = optax.apply_updates(gen, updates)
-        metrics.update(loss=loss, grad_norm=optax.global_norm(grads["model"]), disc_factor=disc_factor,
-                       psnr=jnp.mean(psnr(x, jax.lax.stop_gradient(xrec))))
-
-        new_dparams, disc_opt, new_dstats = dparams, state.opt_state["disc"], dstats
+        new_gen, gen_opt, xrec, metrics = self._generator_update(state, x, rng, frozen, disc_factor)
+        metrics["disc_factor"] = disc_factor
+        dparams, disc_opt = state.params["disc"], state.opt_state["disc"]
+        dstats = state.model_state["disc_batch_stats"]
         if self.use_gan:
-            real, fake = jax.lax.stop_gradient(x), jax.lax.stop_gradient(xrec)
-            d_loss_fn = (ae_losses.hinge_d_loss if cfg.disc_loss == "hinge" else ae_losses.vanilla_d_loss)
-
-            def d_objective(dp):
-                lr, bs = self._disc_logits(dp, dstats, real)
-                lf, bs = self._disc_logits(dp, bs, fake)
-                return disc_factor * d_loss_fn(lr, lf), (bs, jnp.mean(lr), jnp.mean(lf))
-
-            def d_on(_):
-                return jax.value_and_grad(d_objective, has_aux=True)(dparams)
-
-            def d_off(_):
-                zero = jnp.zeros(())
-                return (zero, (dstats, zero, zero)), jax.tree.map(jnp.zeros_like, dparams)
-
-            (d_loss, (new_dstats, lr_mean, lf_mean)), dgrads = jax.lax.cond(disc_factor > 0, d_on, d_off, None)
-            dupd, disc_opt = self.disc_tx.update(dgrads, state.opt_state["disc"], dparams)
-            new_dparams = optax.apply_updates(dparams, dupd)
-            metrics.update(d_loss=d_loss, logits_real=lr_mean, logits_fake=lf_mean,
-                           d_grad_norm=optax.global_norm(dgrads))
-
+            dparams, disc_opt, dstats, d_metrics = self._discriminator_update(state, x, xrec, disc_factor)
+            metrics.update(d_metrics)
         ema = ema_step(state.ema_params, new_gen["model"], state.step,
                        did_update(gen_opt, int(self.config.optim.get("grad_accum_steps", 1))), self.config.ema)
-        new_state = state.replace(step=state.step + 1, params=dict(new_gen, disc=new_dparams),
+        new_state = state.replace(step=state.step + 1, params=dict(new_gen, disc=dparams),
                                   opt_state={"gen": gen_opt, "disc": disc_opt}, ema_params=ema,
-                                  model_state={"disc_batch_stats": new_dstats})
+                                  model_state={"disc_batch_stats": dstats})
         return new_state, metrics
 
-    def _eval_params(self, state):
-        return state.ema_params if state.ema_params is not None else state.params["model"]
+    def _generator_update(self, state, x, rng, frozen, disc_factor):
+        """(new generator params {model, logvar}, its optimizer state, reconstructions, metrics)."""
+        gen = {"model": state.params["model"], "logvar": state.params["logvar"]}
+        disc = (state.params["disc"], state.model_state["disc_batch_stats"])
+        loss_fn = lambda g: self._generator_loss(g, x, rng, frozen, disc, disc_factor)
+        (loss, (xrec, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen)
+        updates, gen_opt = self.gen_tx.update(grads, state.opt_state["gen"], gen)
+        metrics.update(loss=loss, grad_norm=optax.global_norm(grads["model"]),
+                       psnr=jnp.mean(psnr(x, jax.lax.stop_gradient(xrec))))
+        return optax.apply_updates(gen, updates), gen_opt, xrec, metrics
+
+    def _generator_loss(self, g, x, rng, frozen, disc, disc_factor):
+        """(reconstruction + KL or codebook + adaptively weighted GAN loss, (reconstructions, metrics))."""
+        cfg = self.config.loss
+        r_sample, r_drop = jax.random.split(rng)
+        logvar = g["logvar"] if cfg.learn_logvar else jax.lax.stop_gradient(g["logvar"])
+        if self.kind == "kl":
+            xrec, aux = self.model.apply({"params": g["model"]}, x, sample_posterior=True, deterministic=False,
+                                         rngs={"sample": r_sample, "dropout": r_drop})
+        else:
+            xrec, aux = self.model.apply({"params": g["model"]}, x, deterministic=False, rngs={"dropout": r_drop})
+        weighted, nll, rec, p = self._rec_terms(frozen, x, xrec, logvar)
+        metrics = {"rec_loss": rec, "p_loss": p, "nll_loss": nll, "logvar": logvar}
+        loss = weighted
+        if self.kind == "kl":
+            kl = jnp.mean(aux["posterior"].kl())
+            loss = loss + cfg.kl_weight * kl
+            metrics["kl_loss"] = kl
+        else:
+            loss = loss + cfg.codebook_weight * aux["codebook_loss"]
+            metrics.update(codebook_loss=aux["codebook_loss"], perplexity=aux["perplexity"],
+                           codebook_usage=aux["codebook_usage"])
+        if self.use_gan:
+            g_loss, d_weight = self._gan_terms(g, x, xrec, aux, frozen, logvar, disc, disc_factor)
+            loss = loss + d_weight * disc_factor * g_loss
+            metrics.update(g_loss=g_loss, d_weight=d_weight)
+        return loss, (xrec, metrics)
+
+    def _gan_terms(self, g, x, xrec, aux, frozen, logvar, disc, disc_factor):
+        """(generator GAN loss, its adaptive weight): zeros until the discriminator starts."""
+        dparams, dstats = disc
+        h = jax.lax.stop_gradient(aux["decoder_features"])
+        last = jax.lax.stop_gradient(g["model"]["decoder"]["conv_out"])
+        head = lambda w: self._conv_out.apply({"params": w}, h)
+        sg_logvar = jax.lax.stop_gradient(logvar)
+
+        def gan_on(_):
+            g_loss = ae_losses.generator_loss(self._disc_logits(dparams, dstats, xrec)[0])
+            d_weight = ae_losses.adaptive_disc_weight(
+                lambda w: self._rec_terms(frozen, x, head(w), sg_logvar)[1],
+                lambda w: ae_losses.generator_loss(self._disc_logits(dparams, dstats, head(w))[0]),
+                last, float(self.config.loss.disc_weight))
+            return g_loss, d_weight
+
+        return jax.lax.cond(disc_factor > 0, gan_on, lambda _: (jnp.zeros(()), jnp.zeros(())), None)
+
+    def _discriminator_update(self, state, x, xrec, disc_factor):
+        """(new discriminator params, its optimizer state, its batch statistics, metrics)."""
+        cfg = self.config.loss
+        dparams, dstats = state.params["disc"], state.model_state["disc_batch_stats"]
+        real, fake = jax.lax.stop_gradient(x), jax.lax.stop_gradient(xrec)
+        d_loss_fn = ae_losses.hinge_d_loss if cfg.disc_loss == "hinge" else ae_losses.vanilla_d_loss
+
+        def d_objective(dp):
+            lr, bs = self._disc_logits(dp, dstats, real)
+            lf, bs = self._disc_logits(dp, bs, fake)
+            return disc_factor * d_loss_fn(lr, lf), (bs, jnp.mean(lr), jnp.mean(lf))
+
+        def d_on(_):
+            return jax.value_and_grad(d_objective, has_aux=True)(dparams)
+
+        def d_off(_):
+            zero = jnp.zeros(())
+            return (zero, (dstats, zero, zero)), jax.tree.map(jnp.zeros_like, dparams)
+
+        (d_loss, (new_dstats, lr_mean, lf_mean)), dgrads = jax.lax.cond(disc_factor > 0, d_on, d_off, None)
+        dupd, disc_opt = self.disc_tx.update(dgrads, state.opt_state["disc"], dparams)
+        metrics = dict(d_loss=d_loss, logits_real=lr_mean, logits_fake=lf_mean, d_grad_norm=optax.global_norm(dgrads))
+        return optax.apply_updates(dparams, dupd), disc_opt, new_dstats, metrics
 
     def reconstruct(self, params, x):
         """Deterministic reconstruction: the posterior mode (KL) or the quantised code (VQ)."""
@@ -219,7 +232,7 @@ class AutoencoderTask:
 
     def eval_step(self, state, batch, rng, frozen):
         x = batch["image"]
-        xrec = self.reconstruct(self._eval_params(state), x)
+        xrec = self.reconstruct(eval_params(state), x)
         out = {"psnr": jnp.mean(psnr(x, xrec)), "rec_loss": jnp.mean(jnp.abs(x - xrec))}
         p = self._perceptual(frozen, x, jnp.clip(xrec, -1, 1))
         if p is not None:
@@ -228,19 +241,14 @@ class AutoencoderTask:
 
     def summary_images(self, state, batch, frozen, rng):
         x = batch["image"]
-        xrec = jax.jit(self.reconstruct)(self._eval_params(state), x)
+        xrec = jax.jit(self.reconstruct)(eval_params(state), x)
         self._scale_batch = x
         return {"inputs_reconstructions": image_grid([x, xrec])}
-
-    def encode_latents(self, params, x, rng):
-        """The latents the diffusion stage trains on: a posterior sample (KL) or pre-quantisation h (VQ)."""
-        if self.kind == "kl":
-            return self.model.apply({"params": params}, x, method="encode").sample(rng)
-        return self.model.apply({"params": params}, x, method="encode")
 
     def checkpoint_meta(self, state, frozen):
         meta = {"stage": "autoencoder", "kind": self.kind, "model": self.config.model.to_dict()}
         if self._scale_batch is not None:
-            z = jax.jit(self.encode_latents)(self._eval_params(state), self._scale_batch, jax.random.key(0))
+            encode = jax.jit(lambda p, x, r: encode_latents(self.model, self.kind, p, x, r))
+            z = encode(eval_params(state), self._scale_batch, jax.random.key(0))
             meta["scale_factor"] = float(1.0 / jnp.std(z.astype(jnp.float32)))
         return meta

@@ -11,7 +11,6 @@ Sources, in order of preference:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any
@@ -26,6 +25,12 @@ from latent_diffusion.training import checkpointing, partitioning
 log = logging.getLogger(__name__)
 
 
+def encode_latents(module, kind: str, params, x, rng):
+    """Unscaled latents of images: a posterior sample (KL, drawn with `rng`) or pre-quantisation h (VQ)."""
+    out = module.apply({"params": params}, x, method="encode")
+    return out.sample(rng) if kind == "kl" else out
+
+
 @dataclasses.dataclass
 class FirstStage:
     module: Any
@@ -36,12 +41,8 @@ class FirstStage:
     latent_channels: int
 
     def encode(self, params, x, rng):
-        """Scaled latents the diffusion model works in: a posterior sample (KL) or pre-quantisation h (VQ)."""
-        if self.kind == "kl":
-            z = self.module.apply({"params": params}, x, method="encode").sample(rng)
-        else:
-            z = self.module.apply({"params": params}, x, method="encode")
-        return z * self.scale_factor
+        """Scaled latents the diffusion model works in."""
+        return encode_latents(self.module, self.kind, params, x, rng) * self.scale_factor
 
     def decode(self, params, z):
         return self.module.apply({"params": params}, z / self.scale_factor, method="decode")
@@ -104,15 +105,10 @@ def load(cfg, mesh, abstract: bool = False) -> FirstStage:
 
 def _from_checkpoint(cfg):
     from latent_diffusion import convert
+    from latent_diffusion.convert.common import DIFFUSERS_WEIGHTS, read_pretrained_folder
     path = cfg.checkpoint
     if os.path.isdir(path):
-        with open(os.path.join(path, "config.json")) as f:
-            model_config = json.load(f)
-        weights = next((os.path.join(path, n) for n in ("diffusion_pytorch_model.safetensors",
-                                                          "diffusion_pytorch_model.bin")
-                        if os.path.exists(os.path.join(path, n))), None)
-        if weights is None:
-            raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors/.bin in {path}")
+        model_config, weights = read_pretrained_folder(path, DIFFUSERS_WEIGHTS, "first_stage.checkpoint")
         return convert.from_diffusers(model_config, weights)
     from latent_diffusion.convert import compvis
     ddconfig = dict(cfg.model.to_dict())

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from latent_diffusion.training import checkpointing, init_from, partitioning
+from latent_diffusion.training import checkpointing, init_from, partitioning, tasks
 from latent_diffusion.training.state import tree_all_finite
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def _writer(workdir: str):
                                                 just_logging=jax.process_index() > 0)
 
 
-def evaluate(task, state, frozen, config, mesh, eval_fn, rng) -> tuple[dict, dict]:
+def evaluate(task: tasks.Task, state, frozen, config, mesh, eval_fn, rng) -> tuple[dict, dict]:
     """Average eval metrics over the held-out split (config.num_eval_batches batches); first batch images."""
     from latent_diffusion.data import loader
     it = loader.make_dataset(config.data, config.data.eval_split, global_batch_size=config.eval_batch_size,
@@ -93,7 +93,6 @@ def train_and_evaluate(config, workdir: str, devices=None) -> RunResult:
     `devices` restricts the mesh to some devices (default: all devices of all hosts).
     """
     from latent_diffusion.data import loader
-    from latent_diffusion.training import tasks
 
     os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
     if not config.data.name:
@@ -128,18 +127,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> RunResult:
 
     manager = checkpointing.make_manager(workdir, max_to_keep=config.checkpoint.max_to_keep,
                                          async_save=config.checkpoint.async_save)
-    resumed_from = manager.latest_step()
+    state, resumed_from = _restore_or_init(task, config, manager, abstract, shardings, train_iter,
+                                           (init_rng, batch, frozen))
     if resumed_from is not None:
-        state, _, _ = checkpointing.restore(manager, checkpointing.abstract_like(abstract, shardings),
-                                            data_iterator=train_iter)
         peeked = None  # the restored iterator is positioned after the checkpointed step's batch
-        ignored = " (config.init is ignored: the run's own checkpoint wins)" if init_from.init_config(config)[1] else ""
-        log.info("resumed from step %d in %s%s", resumed_from, workdir, ignored)
-    else:
-        state = jax.jit(task.init, out_shardings=shardings)(init_rng, batch, frozen)
-        state = init_from.apply(config, task, state)  # fine-tuning: imported weights, fresh starts only
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
-    log.info("trainable parameters: %s", f"{n_params:,}")
 
     step_fn = jax.jit(_guard(task.train_step),
                       in_shardings=(shardings, batch_shd, repl, frozen_shd),
@@ -202,6 +193,24 @@ def train_and_evaluate(config, workdir: str, devices=None) -> RunResult:
     return RunResult(state=state, step=int(jax.device_get(state.step)), train_metrics=train_metrics,
                      eval_metrics=eval_metrics, steps_per_sec=steps_done / max(elapsed, 1e-9),
                      resumed_from=resumed_from)
+
+
+def _restore_or_init(task: tasks.Task, config, manager, abstract, shardings, train_iter,
+                     init_args) -> tuple[Any, int | None]:
+    """(state, the step resumed from): the latest checkpoint with the data iterator's position, or else a fresh
+    `task.init(*init_args)` laid out as `shardings`, with config.init's imported weights (fine-tuning)."""
+    resumed_from = manager.latest_step()
+    if resumed_from is not None:
+        state, _, _ = checkpointing.restore(manager, checkpointing.abstract_like(abstract, shardings),
+                                            data_iterator=train_iter)
+        ignored = " (config.init is ignored: the run's own checkpoint wins)" if init_from.init_config(config)[1] else ""
+        log.info("resumed from step %d in %s%s", resumed_from, manager.directory, ignored)
+    else:
+        state = jax.jit(task.init, out_shardings=shardings)(*init_args)
+        state = init_from.apply(config, task, state)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    log.info("trainable parameters: %s", f"{n_params:,}")
+    return state, resumed_from
 
 
 def _fail(manager, step, metrics_host):

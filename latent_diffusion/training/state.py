@@ -24,6 +24,11 @@ class TrainState:
     model_state: Any = flax.core.FrozenDict()
 
 
+def eval_params(state: TrainState) -> Any:
+    """The model params to evaluate and sample: the EMA where it is kept, else the trained ones."""
+    return state.ema_params if state.ema_params is not None else state.params["model"]
+
+
 def ema_decay(num_updates: jax.Array, max_decay: float, warmup: bool) -> jax.Array:
     """CompVis LitEma's decay: min(max_decay, (1 + n) / (10 + n)) with warm-up, else constant."""
     if not warmup:

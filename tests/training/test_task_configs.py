@@ -19,7 +19,7 @@ from latent_diffusion.data import loader
 from latent_diffusion.models import build
 from latent_diffusion.models.text_encoders import BERTEmbedder
 from latent_diffusion.training import first_stage as first_stage_lib
-from latent_diffusion.training import ldm_task, partitioning
+from latent_diffusion.training import partitioning
 from latent_diffusion.training.ldm_task import LDMTask
 from latent_diffusion.training.loop import train_and_evaluate
 
@@ -53,7 +53,7 @@ def shared_first_stage(monkeypatch):
             _FIRST_STAGES[key] = real(cfg, mesh, **kwargs)
         return _FIRST_STAGES[key]
 
-    monkeypatch.setattr(ldm_task.first_stage_lib, "load", load)
+    monkeypatch.setattr(first_stage_lib, "load", load)
 
 
 def _unet_params(unet_cfg, latent, context_len=4):
