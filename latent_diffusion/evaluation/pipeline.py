@@ -98,20 +98,7 @@ def evaluate(opts: EvalOptions, extractor: FeatureExtractor | None = None, clip_
         if clip_scorer is None:
             from latent_diffusion.evaluation.clip_score import load_clip
             clip_scorer = load_clip(opts.clip_model)
-    weights_desc = "custom extractor"
-
-    def get_extractor():
-        nonlocal extractor, weights_desc
-        if extractor is None:
-            module, params, weights_desc = load_inception(opts.inception_weights,
-                                                          opts.allow_random_inception_for_tests)
-            extractor = FeatureExtractor(module, params, opts.batch_size, progress=opts.progress)
-        return extractor
-
-    def features_of(spec: str, role: str):
-        images = open_image_set(spec, role, opts.image_size, opts.tfds_data_dir)
-        feats = get_extractor()(images, desc=role)
-        return feats, images.info
+    inception = _Inception(opts, extractor)
 
     results: dict[str, Any] = {"metrics": {}}
     sample_feats = sample_info = sample_set = None
@@ -119,34 +106,11 @@ def evaluate(opts: EvalOptions, extractor: FeatureExtractor | None = None, clip_
         sample_set = open_image_set(opts.samples, "samples", opts.image_size, opts.tfds_data_dir)
         sample_info = sample_set.info
         if any(m in NEEDS_INCEPTION for m in names) or opts.save_stats:
-            sample_feats = get_extractor()(sample_set, desc="samples")
+            sample_feats = inception(sample_set, "samples")
 
-    ref_stats: Stats | None = None
-    ref_feats = None
+    ref_stats = ref_feats = None
     if opts.reference is not None and (any(m in NEEDS_INCEPTION for m in names) or opts.save_stats):
-        if is_stats_file(opts.reference):
-            ref_stats = load_stats(opts.reference, feature_dim=FEATURE_DIM)
-            ref_info = SetInfo(f"reference stats {opts.reference}", num_images=ref_stats.num_images or 0,
-                               resolution=ref_stats.resolution)
-            if sample_info is not None:
-                check_resolution(ref_stats, sample_info.resolution, opts.reference, opts.allow_resolution_mismatch)
-            if any(m in ("kid", "pr") for m in names):
-                if ref_stats.features is not None:
-                    ref_feats = {"pool3": np.asarray(ref_stats.features)}
-                elif ref_stats.images is not None:  # ADM reference batch: features from its arr_0
-                    ref_set = ArraySet(ref_stats.images, f"reference {opts.reference} (arr_0)", opts.image_size)
-                    ref_feats = get_extractor()(ref_set, desc="reference")
-                else:
-                    raise ValueError(f"{opts.reference} holds only mu/sigma; KID and precision/recall need the "
-                                     "reference features or images. Use the images, or a stats file written "
-                                     "with --save_stats --save_features.")
-        else:
-            ref_feats, ref_info = features_of(opts.reference, "reference")
-            mu, sigma = M.gaussian_stats(ref_feats["pool3"])
-            ref_stats = Stats(mu, sigma, ref_info.num_images, ref_info.resolution)
-            if sample_info is not None and ref_info.resolution != sample_info.resolution:
-                ref_info.warn(f"reference images are {ref_info.resolution} but samples are "
-                              f"{sample_info.resolution}; both are resized to 299x299 by the Inception")
+        ref_stats, ref_feats, ref_info = _reference(opts, names, sample_info, inception)
         results["reference"] = _set_report(ref_info)
 
     sample_stats = None
@@ -174,10 +138,54 @@ def evaluate(opts: EvalOptions, extractor: FeatureExtractor | None = None, clip_
         results["samples"] = _set_report(sample_info)
     if opts.save_stats:
         _save_stats(opts, results, sample_feats, sample_info, sample_stats, ref_stats, ref_feats)
-    if extractor is not None:
-        results["inception_weights"] = weights_desc
+    if inception.extractor is not None:
+        results["inception_weights"] = inception.description
     results["options"] = {k: v for k, v in dataclasses.asdict(opts).items() if k != "progress"}
     return results
+
+
+class _Inception:
+    """The Inception feature extractor, loaded on first use: only the metrics and stats that need it load it."""
+
+    def __init__(self, opts: EvalOptions, extractor: FeatureExtractor | None = None):
+        self.opts, self.extractor = opts, extractor
+        self.description = "custom extractor"
+
+    def __call__(self, image_set, desc: str) -> dict:
+        if self.extractor is None:
+            module, params, self.description = load_inception(self.opts.inception_weights,
+                                                              self.opts.allow_random_inception_for_tests)
+            self.extractor = FeatureExtractor(module, params, self.opts.batch_size, progress=self.opts.progress)
+        return self.extractor(image_set, desc=desc)
+
+
+def _reference(opts: EvalOptions, names, sample_info: SetInfo | None, inception: _Inception):
+    """(Stats, features or None, SetInfo) of --reference: a stats file, or images whose features are computed."""
+    if not is_stats_file(opts.reference):
+        images = open_image_set(opts.reference, "reference", opts.image_size, opts.tfds_data_dir)
+        ref_feats, ref_info = inception(images, "reference"), images.info
+        mu, sigma = M.gaussian_stats(ref_feats["pool3"])
+        if sample_info is not None and ref_info.resolution != sample_info.resolution:
+            ref_info.warn(f"reference images are {ref_info.resolution} but samples are "
+                          f"{sample_info.resolution}; both are resized to 299x299 by the Inception")
+        return Stats(mu, sigma, ref_info.num_images, ref_info.resolution), ref_feats, ref_info
+    ref_stats = load_stats(opts.reference, feature_dim=FEATURE_DIM)
+    ref_info = SetInfo(f"reference stats {opts.reference}", num_images=ref_stats.num_images or 0,
+                       resolution=ref_stats.resolution)
+    if sample_info is not None:
+        check_resolution(ref_stats, sample_info.resolution, opts.reference, opts.allow_resolution_mismatch)
+    ref_feats = None
+    if any(m in ("kid", "pr") for m in names):
+        if ref_stats.features is not None:
+            ref_feats = {"pool3": np.asarray(ref_stats.features)}
+        elif ref_stats.images is not None:  # ADM reference batch: features from its arr_0
+            ref_feats = inception(ArraySet(ref_stats.images, f"reference {opts.reference} (arr_0)", opts.image_size),
+                                  "reference")
+        else:
+            raise ValueError(f"{opts.reference} holds only mu/sigma; KID and precision/recall need the "
+                             "reference features or images. Use the images, or a stats file written "
+                             "with --save_stats --save_features.")
+    return ref_stats, ref_feats, ref_info
 
 
 def _save_stats(opts, results, sample_feats, sample_info, sample_stats, ref_stats, ref_feats):

@@ -142,10 +142,7 @@ def run_job(generate: Generator | Callable, items: Sequence[WorkItem], outdir: s
     _check_items(items)
     items = sorted(items, key=lambda it: it.index)
     mesh = _default_mesh() if mesh is None else mesh
-    if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1 \
-            or global_batch_size % mesh.size:
-        raise ValueError(f"global_batch_size must be a positive multiple of the {mesh.size} devices in the mesh, "
-                         f"got {global_batch_size!r}; try {max(1, round(global_batch_size / mesh.size)) * mesh.size}")
+    _check_batch_size(global_batch_size, mesh)
     prepare = prepare if prepare is not None else getattr(generate, "prepare", None)
     if prepare is None:
         raise TypeError("run_job: pass prepare=, or a generate object with a prepare(items) method")
@@ -154,13 +151,7 @@ def run_job(generate: Generator | Callable, items: Sequence[WorkItem], outdir: s
     writer = jax.process_index() == 0
     done = _agree_on_todo(outdir, items, job_spec, force, digits)
     todo = [it for it, d in zip(items, done) if not d]
-    plan = plan_batches(todo, global_batch_size, job_spec.get("steps"))
     sharding = batch_spec(mesh)
-
-    bar = None
-    if progress and writer:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(items), initial=int(done.sum()), unit="img", desc="sampling", dynamic_ncols=True)
 
     def dispatch(steps, batch):
         arrays = {k: _to_global(v, sharding, k, len(batch)) for k, v in prepare(batch).items()}
@@ -168,41 +159,15 @@ def run_job(generate: Generator | Callable, items: Sequence[WorkItem], outdir: s
         index = _to_global(np.array([it.index for it in batch], np.int32), sharding, "indices", len(batch))
         return generate(arrays, _keys(seeds, index), steps=steps)
 
-    def finish(batch, n_real, images, pool):
-        images = _gather(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != len(batch) or images.shape[-1] != 3:
-            raise ValueError(f"generate must return uint8 images of shape ({len(batch)}, H, W, 3), got "
-                             f"{images.dtype} {images.shape}")
-        if not writer:
-            return
-        real = batch[:n_real]
-        paths = [os.path.join(outdir, outputs.sample_name(it.index, digits)) for it in real]
-        list(pool.map(lambda a: outputs.atomic_write(a[0], outputs.encode_png(a[1])), zip(paths, images)))
-        outputs.append_manifest(outdir, outputs.manifest_lines(real, job_spec, digits))
-        if bar is not None:
-            bar.update(n_real)
-
+    bar = None
+    if progress and writer:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(items), initial=int(done.sum()), unit="img", desc="sampling", dynamic_ncols=True)
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max(1, num_writers)) as pool:
-        pending = None  # one batch in flight: the device samples the next while the host encodes PNGs
+        finish = _BatchWriter(outdir, job_spec, digits, pool, bar) if writer else _check_images
         try:
-            for steps, batch, n_real in plan:
-                out = dispatch(steps, batch)
-                previous, pending = pending, (batch, n_real, out)
-                if previous is not None:
-                    finish(*previous, pool)
-            previous, pending = pending, None
-            if previous is not None:
-                finish(*previous, pool)
-        except BaseException:
-            # Keep the batch already sampled before reporting; with several hosts the gather is a
-            # collective the others may never join, so there it is recomputed on the rerun instead.
-            if pending is not None and jax.process_count() == 1:
-                try:
-                    finish(*pending, pool)
-                except Exception:  # noqa: BLE001 - the first error is the one to report
-                    pass
-            raise
+            _pipelined(plan_batches(todo, global_batch_size, job_spec.get("steps")), dispatch, finish)
         finally:
             if bar is not None:
                 bar.close()
@@ -215,3 +180,58 @@ def run_job(generate: Generator | Callable, items: Sequence[WorkItem], outdir: s
             npz_path = outputs.write_npz(outdir, items, digits)
     return JobResult(outdir=outdir, num_items=len(items), num_generated=len(todo), seconds=seconds,
                      images_per_second=len(todo) / seconds if seconds > 0 else 0.0, npz_path=npz_path)
+
+
+def _check_batch_size(global_batch_size, mesh: Mesh) -> None:
+    if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1 \
+            or global_batch_size % mesh.size:
+        raise ValueError(f"global_batch_size must be a positive multiple of the {mesh.size} devices in the mesh, "
+                         f"got {global_batch_size!r}; try {max(1, round(global_batch_size / mesh.size)) * mesh.size}")
+
+
+def _check_images(batch, n_real, images) -> np.ndarray:
+    """The batch's images gathered to this host, checked to be what a Generator returns."""
+    images = _gather(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != len(batch) or images.shape[-1] != 3:
+        raise ValueError(f"generate must return uint8 images of shape ({len(batch)}, H, W, 3), got "
+                         f"{images.dtype} {images.shape}")
+    return images
+
+
+class _BatchWriter:
+    """Process 0's end of a batch: its real samples' PNGs (written in parallel) and manifest lines."""
+
+    def __init__(self, outdir, job_spec, digits, pool, bar):
+        self.outdir, self.job_spec, self.digits, self.pool, self.bar = outdir, job_spec, digits, pool, bar
+
+    def __call__(self, batch, n_real, images):
+        images = _check_images(batch, n_real, images)
+        real = batch[:n_real]
+        paths = [os.path.join(self.outdir, outputs.sample_name(it.index, self.digits)) for it in real]
+        list(self.pool.map(lambda a: outputs.atomic_write(a[0], outputs.encode_png(a[1])), zip(paths, images)))
+        outputs.append_manifest(self.outdir, outputs.manifest_lines(real, self.job_spec, self.digits))
+        if self.bar is not None:
+            self.bar.update(n_real)
+
+
+def _pipelined(plan, dispatch, finish) -> None:
+    """`dispatch(steps, batch)` for every planned batch, each finished while the device samples the next."""
+    pending = None  # one batch in flight: the device samples the next while the host encodes PNGs
+    try:
+        for steps, batch, n_real in plan:
+            out = dispatch(steps, batch)
+            previous, pending = pending, (batch, n_real, out)
+            if previous is not None:
+                finish(*previous)
+        previous, pending = pending, None
+        if previous is not None:
+            finish(*previous)
+    except BaseException:
+        # Keep the batch already sampled before reporting; with several hosts the gather is a
+        # collective the others may never join, so there it is recomputed on the rerun instead.
+        if pending is not None and jax.process_count() == 1:
+            try:
+                finish(*pending)
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
+        raise
