@@ -68,6 +68,9 @@ def base(*, lr: float, batch_size: int, num_train_steps: int, tiny: bool):
     c.diffusion = diffusion()
     c.ema.enabled = True
     c.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=20, guidance_scale=3.0, num_images=8))
+    # Shapes text-to-image runs: held-out prompts sampled and read by the shapes judge at each evaluation
+    # (latent_diffusion/evaluation/shapes_eval.py); num_prompts of each kind (one shape, two shapes), 0 = off.
+    c.sample.prompt_score = ml_collections.ConfigDict(dict(num_prompts=0, steps=20, guidance=3.0))
     # CompVis trains with AdamW (torch default weight decay 0.01) and 10k warm-up steps.
     c.optim = common.optimizer(lr, name="adamw", weight_decay=0.01, warmup_steps=100 if tiny else 10_000)
     c.batch_size = batch_size

@@ -245,6 +245,9 @@ class AutoencoderTask:
         self._scale_batch = x
         return {"inputs_reconstructions": image_grid([x, xrec])}
 
+    def sample_scores(self, state, frozen):
+        return {}, {}
+
     def checkpoint_meta(self, state, frozen):
         meta = {"stage": "autoencoder", "kind": self.kind, "model": self.config.model.to_dict()}
         if self._scale_batch is not None:

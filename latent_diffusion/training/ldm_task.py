@@ -64,6 +64,7 @@ class LDMTask(LDMModel):
                              "condition is computed from the image every step): set --config.data.latents_dir=")
         self._latents_checked = False
         self._sample_fn = None
+        self._prompt_monitor = None
 
     def _check_latents(self):
         """Refuses stored latents (config.data.latents_dir) made by another first stage or at another size."""
@@ -176,6 +177,18 @@ class LDMTask(LDMModel):
         images = self._sample_fn(eval_params(state), frozen, small, rng, jnp.float32(s.guidance_scale))
         from latent_diffusion.training.autoencoder_task import image_grid
         return {"data_and_samples": image_grid([data, images])}
+
+    def sample_scores(self, state, frozen):
+        """The prompt-following score and grid of held-out prompts (config.sample.prompt_score, shapes runs)."""
+        if self._prompt_monitor is None:
+            cfg = self.config.sample.get("prompt_score", None)
+            if not cfg or not cfg.get("num_prompts", 0):
+                return {}, {}
+            from latent_diffusion.evaluation.shapes_eval import PromptFollowingMonitor
+            self._prompt_monitor = PromptFollowingMonitor(self, frozen, num_prompts=int(cfg.num_prompts),
+                                                          steps=int(cfg.steps), guidance=float(cfg.guidance))
+        scalars, grid = self._prompt_monitor(eval_params(state))
+        return scalars, {k: v.astype(np.float32) / 255.0 for k, v in grid.items()}
 
     def checkpoint_meta(self, state, frozen):
         fs = self.first_stage

@@ -84,7 +84,8 @@ def evaluate(task: tasks.Task, state, frozen, config, mesh, eval_fn, rng) -> tup
     if count == 0:
         raise ValueError(f"the eval split {config.data.eval_split!r} gave no batch of "
                          f"{config.eval_batch_size}; lower --config.eval_batch_size")
-    return {k: v / count for k, v in sums.items()}, images
+    scores, score_images = task.sample_scores(state, frozen)
+    return dict({k: v / count for k, v in sums.items()}, **scores), dict(images, **score_images)
 
 
 def train_and_evaluate(config, workdir: str, devices=None) -> RunResult:

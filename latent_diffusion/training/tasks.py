@@ -31,6 +31,10 @@ class Task(Protocol):
     def summary_images(self, state: TrainState, batch: dict, frozen: dict, rng) -> dict:
         """Images for TensorBoard after an evaluation: name -> (1, H, W, 3) in [0, 1]; may be empty."""
 
+    def sample_scores(self, state: TrainState, frozen: dict) -> tuple[dict, dict]:
+        """(scalars, images) of an evaluation that samples the model instead of reading the eval split,
+        e.g. the prompt-following score of a shapes text-to-image run; ({}, {}) where there is none."""
+
     def checkpoint_meta(self, state: TrainState, frozen: dict) -> dict:
         """JSON values stored beside each checkpoint (the stage, its scale factor, ...)."""
 

@@ -12,7 +12,7 @@ METHODS = [name for name, value in vars(tasks.Task).items() if inspect.isfunctio
 
 def test_the_protocol_names_what_the_loop_calls():
     assert set(METHODS) == {"init", "train_step", "eval_step", "frozen", "host_transforms", "summary_images",
-                            "checkpoint_meta"}
+                            "sample_scores", "checkpoint_meta"}
 
 
 @pytest.mark.parametrize("cls", [AutoencoderTask, LDMTask])
