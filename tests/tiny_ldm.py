@@ -10,6 +10,12 @@ def text_ldm_config(data_dir):
     c.first_stage.workdir, c.first_stage.random_init = "", True
     c.first_stage.model.ch, c.first_stage.model.ch_mult, c.first_stage.model.num_groups = 16, (1, 2), 4
     c.unet.model_channels, c.unet.num_head_channels = 32, 16
+    c.unet.channel_mult, c.unet.attention_resolutions = (1, 2), (2,)
+    c.sample.prompt_score.num_prompts = 0
+    # The tests' numbers were set with the first tiny recipe: eps, constant lr 2e-4, EMA 0.9999.
+    c.diffusion.prediction_type = "eps"
+    c.optim.update(lr=2e-4, warmup_steps=100, schedule="constant", decay_steps=0, end_lr_factor=0.0)
+    c.ema.decay = 0.9999
     c.conditioning.text.model.update(width=32, depth=1, heads=2, head_dim=16)
     c.unet.context_dim = 32
     c.data.data_dir, c.data.config, c.data.resolution = data_dir, "tiny", 32
