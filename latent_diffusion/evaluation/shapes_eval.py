@@ -91,19 +91,16 @@ class PromptFollowingMonitor:
     """
 
     def __init__(self, task, frozen, *, num_prompts: int = 16, steps: int = 20, guidance: float = 3.0,
-                 seed: int = 0, mesh=None, judge: sc.ShapesJudge | None = None):
+                 seed: int = 0, judge: sc.ShapesJudge | None = None):
         from latent_diffusion.sampling.pipeline import LDMGenerator
         self.suite = PromptSuite.make(num_prompts, num_prompts, seed=seed)
         self.judge = judge if judge is not None else sc.ShapesJudge.load()
         self.steps, self.guidance, self.seed = int(steps), float(guidance), int(seed)
-        self._task, self._frozen, self._mesh = task, frozen, mesh
-        self._make = lambda params: LDMGenerator(task, params, frozen, image_size=int(task.config.data.resolution),
-                                                 guidance=self.guidance)
-        self._gen = None
+        # Built with no weights; each call sets the current ones, so the jitted sampler is reused.
+        self._gen = LDMGenerator(task, None, frozen, image_size=int(task.config.data.resolution),
+                                 guidance=self.guidance)
 
     def __call__(self, model_params) -> tuple[dict, dict]:
-        if self._gen is None:
-            self._gen = self._make(model_params)
         self._gen.params = model_params
         images = {name: sample_captions(self._gen, [p["caption"] for p in prompts], steps=self.steps,
                                         guidance=self.guidance, seed=self.seed)
