@@ -58,6 +58,21 @@ def _mean_metrics(history: list[dict]) -> dict:
         return {k: float(np.nanmean([np.asarray(h[k], np.float64) for h in host])) for k in keys}
 
 
+def compile_together(fn, *args, name: str) -> None:
+    """On several processes, compile `fn` for `args` before its first run, then wait for all of them.
+
+    A collective's first run creates its communicator, and CPU collectives (gloo) give the other
+    processes 30 s to join; compile times on a busy host differ by more. Compiling ahead (the jit
+    cache keeps the executable for the real call) and meeting at a barrier whose timeout is minutes
+    makes every process start the collective together. One process: nothing to do.
+    """
+    if jax.process_count() == 1:
+        return
+    from orbax.checkpoint import multihost
+    fn.lower(*args).compile()
+    multihost.sync_global_processes(f"latent_diffusion:{name}", timeout=1800)
+
+
 def _writer(workdir: str):
     from clu import metric_writers
     return metric_writers.create_default_writer(os.path.join(workdir, "logs"),
@@ -75,6 +90,9 @@ def evaluate(task: tasks.Task, state, frozen, config, mesh, eval_fn, rng) -> tup
         if config.num_eval_batches and i >= config.num_eval_batches:
             break
         batch = partitioning.global_batch(local, mesh)
+        if i == 0:
+            compile_together(eval_fn, state, batch, jax.random.fold_in(rng, i), frozen,
+                             name=f"eval_step_compiled:{int(jax.device_get(state.step))}")
         metrics = jax.device_get(eval_fn(state, batch, jax.random.fold_in(rng, i), frozen))
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
@@ -154,6 +172,11 @@ def train_and_evaluate(config, workdir: str, devices=None) -> RunResult:
         meta = dict(task.checkpoint_meta(state, frozen), step=step, config=config.to_json_best_effort())
         checkpointing.save(manager, step, state, meta, data_iterator=train_iter)
 
+    if start < config.num_train_steps:
+        first = peeked if peeked is not None else next(train_iter)
+        peeked = first
+        compile_together(step_fn, state, partitioning.global_batch(first, mesh),
+                         jax.random.fold_in(train_rng, start), frozen, name=f"train_step_compiled:{start}")
     for step in range(start, config.num_train_steps):
         local = peeked if peeked is not None else next(train_iter)
         peeked = None

@@ -16,6 +16,10 @@ def main():
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{spec['port']}",
                                    num_processes=spec["num_processes"], process_id=spec["process_id"],
                                    initialization_timeout=120)
+    if spec.get("delay_s"):
+        # One process late to the first step: compiling apart must not break the first collective.
+        import time
+        time.sleep(spec["delay_s"])
     import numpy as np
     from jax.experimental import multihost_utils
     from latent_diffusion.training.loop import train_and_evaluate

@@ -42,7 +42,8 @@ def test_two_processes_match_one(shapes_data_dir, tmp_path):
     port = _free_port()
     common = dict(data_dir=shapes_data_dir, steps=3, local_devices=4, num_processes=2, port=port,
                   workdir=str(tmp_path / "multi"), sgd=True)
-    procs = [_launch(dict(common, process_id=i, out=str(tmp_path / "multi.npz"))) for i in range(2)]
+    # Process 1 starts its step 35 s late: more than gloo's 30 s to join a collective's first run.
+    procs = [_launch(dict(common, process_id=i, out=str(tmp_path / "multi.npz"), delay_s=35 * i)) for i in range(2)]
     for p in procs:
         _finish(p)
     _finish(_launch(dict(data_dir=shapes_data_dir, steps=3, local_devices=8, workdir=str(tmp_path / "one"),
