@@ -143,6 +143,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> RunResult:
     batch_shd = jax.tree.map(lambda _: partitioning.batch_sharding(mesh), batch)
     frozen_shd = partitioning.tree_shardings(frozen, mesh, config.partitioning.rules,
                                              config.partitioning.min_shard_size)
+    # The step declares these layouts; place the frozen arrays (first stage, LPIPS, a frozen text
+    # encoder) that way now, whatever layout they were loaded with.
+    frozen = jax.device_put(frozen, frozen_shd)
 
     manager = checkpointing.make_manager(workdir, max_to_keep=config.checkpoint.max_to_keep,
                                          async_save=config.checkpoint.async_save)
