@@ -14,7 +14,8 @@ import ml_collections
 
 # config.data: the input pipeline (latent_diffusion/data/loader.py).
 DATA = dict(
-    name="shapes",  # 'shapes' (built on demand) or any TFDS name, e.g. 'imagenet2012'
+    source="tfds",  # 'tfds', or files read in place: 'webdataset', 'parquet', 'folder' (data/sources.py)
+    name="shapes",  # source 'tfds': 'shapes' (built on demand) or any TFDS name, e.g. 'imagenet2012'
     data_dir=None,  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
     config=None,  # TFDS builder config; for shapes None picks it from resolution
     version=None,  # TFDS version string, None = the builder's default
@@ -30,6 +31,14 @@ DATA = dict(
     eval_split="test",
     num_threads=2,  # decode threads per process
     prefetch_buffer_size=16,  # decoded elements kept ahead of the batcher
+    shards="",  # other sources: the training files, e.g. '/laion/{00000..00099}.tar', a glob, or a folder
+    eval_shards="",  # other sources: the files of the eval split (data.eval_split)
+    folder_labels=False,  # source 'folder': first-level subfolders are the classes ('label')
+    min_width=0,  # filters (from .json / parquet metadata, at indexing): the original image's size
+    min_height=0,
+    max_aspect_ratio=0.0,  # 0: no limit
+    filter_where="",  # e.g. 'aesthetic_score>=5,punsafe<0.1,pwatermark<0.5'
+    max_bad_fraction=0.1,  # more bad records than this fraction of those read stops the run (loader.py)
     latents_dir="",  # '': decode images; else first-stage latents from scripts/precompute_latents.py
 )
 

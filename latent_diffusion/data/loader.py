@@ -23,6 +23,7 @@ latents.py): the same examples and flips, with 'z_mean'/'z_std' (or 'z') in plac
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 from typing import Any, Callable, Sequence
@@ -36,6 +37,13 @@ from latent_diffusion.data import preprocess
 
 CORRUPT = "_corrupt"  # the key of a record that is dropped and counted (latents.py marks its own with it too)
 _SKIPPED = "_skipped"
+_BY_CAUSE = "_skipped_by_cause"
+_SHARD = "_shard"
+_MIN_RECORDS_FOR_FRACTION = 256  # data.max_bad_fraction is judged after this many records
+
+
+def _fmt_causes(by_cause: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(by_cause.items()))
 
 
 def settings(data_cfg) -> dict:
@@ -155,6 +163,8 @@ class ExampleDecoder:
 
     def decode(self, record: dict, flip: bool, crop_rng: np.random.Generator | None = None) -> dict:
         cfg = self.cfg
+        if "_read_error" in record:  # a record the source could not read (data/sources.py)
+            return {CORRUPT: record["_read_error"], _SHARD: record.get("shard", "")}
         try:
             image = _decode_image(record[cfg["image_key"]], rgb=True)
             plan = None
@@ -188,7 +198,8 @@ class ExampleDecoder:
                     out[key] = arr.astype(np.int32) if arr.dtype == np.int64 else arr
             return out
         except Exception as e:  # pylint: disable=broad-except
-            return {CORRUPT: f"{type(e).__name__}: {e}"}
+            where = f" ({record['shard']} key {record.get('key')})" if "shard" in record else ""
+            return {CORRUPT: f"{type(e).__name__}: {e}{where}", _SHARD: record.get("shard", "")}
 
 
 def _skip_corrupt(transform):
@@ -216,30 +227,35 @@ class _DropCorruptIterator(grain.DatasetIterator):
         super().__init__(parent)
         self._name = name
         self._skipped = 0
-        self._warned = False
+        self._by_cause: dict[str, int] = {}
+        self._by_shard: dict[str, int] = {}
 
     def __next__(self):
         while True:
             element = next(self._parent)
             if CORRUPT not in element:
                 element[_SKIPPED] = np.int64(self._skipped)
+                element[_BY_CAUSE] = json.dumps([self._by_cause, self._by_shard])  # a str collates
                 return element
             self._skipped += 1
-            if not self._warned:
-                self._warned = True
-                logging.warning(
-                    "Skipping corrupt record(s) in dataset %s (first: %s); the count is "
-                    "the loader iterator's `skipped` attribute.",
-                    self._name,
-                    element[CORRUPT],
-                )
+            cause = element[CORRUPT].split(":", 1)[0]
+            self._by_cause[cause] = self._by_cause.get(cause, 0) + 1
+            if element.get(_SHARD):
+                self._by_shard[element[_SHARD]] = self._by_shard.get(element[_SHARD], 0) + 1
+            if self._skipped in (1, 10) or self._skipped % 100 == 0:  # rate-limited
+                logging.warning("dataset %s: skipped %d corrupt or unusable record(s) so far (%s); latest: %s",
+                                self._name,
+                                self._skipped, _fmt_causes(self._by_cause), element[CORRUPT])
 
     def get_state(self):
-        return {"parent": self._parent.get_state(), "skipped": self._skipped}
+        return {"parent": self._parent.get_state(), "skipped": self._skipped, "by_cause": dict(self._by_cause),
+                "by_shard": dict(self._by_shard)}
 
     def set_state(self, state):
         self._parent.set_state(state["parent"])
         self._skipped = int(state["skipped"])
+        self._by_cause = {str(k): int(v) for k, v in state.get("by_cause", {}).items()}
+        self._by_shard = {str(k): int(v) for k, v in state.get("by_shard", {}).items()}
 
 
 class _HostSlice(grain.MapDataset):
@@ -273,24 +289,52 @@ def _collate(elements: Sequence[Any]):
     return np.stack([np.asarray(e) for e in elements])
 
 
-class LoaderIterator(grain.DatasetIterator):
-    """Host-local batch iterator; `skipped` counts corrupt records dropped so far."""
+class TooManyBadRecords(RuntimeError):
+    """More than data.max_bad_fraction of the records read so far could not be used."""
 
-    def __init__(self, parent: grain.DatasetIterator):
+
+class LoaderIterator(grain.DatasetIterator):
+    """Host-local batch iterator. `skipped` counts the bad records dropped so far, `skipped_by_cause`
+    and `skipped_by_shard` break that count down; past `max_bad_fraction` of the records read
+    (judged after a few hundred) it stops with TooManyBadRecords naming the worst shards."""
+
+    def __init__(self, parent: grain.DatasetIterator, name: str = "", max_bad_fraction: float = 1.0):
         super().__init__(parent)
-        self.skipped = 0
+        self._name, self._max_bad = name, float(max_bad_fraction)
+        self.skipped, self.delivered = 0, 0
+        self.skipped_by_cause: dict[str, int] = {}
+        self.skipped_by_shard: dict[str, int] = {}
 
     def __next__(self) -> dict:
         batch = next(self._parent)
         self.skipped = int(batch.pop(_SKIPPED)[-1])
+        self.skipped_by_cause, self.skipped_by_shard = json.loads(batch.pop(_BY_CAUSE)[-1])
+        self.delivered += len(first_leaf(batch))
+        seen = self.skipped + self.delivered
+        if seen >= _MIN_RECORDS_FOR_FRACTION and self.skipped > self._max_bad * seen:
+            worst = sorted(self.skipped_by_shard.items(), key=lambda kv: -kv[1])[:5]
+            raise TooManyBadRecords(
+                f"dataset {self._name}: {self.skipped} of {seen} records read so far were bad "
+                f"({_fmt_causes(self.skipped_by_cause)}), above data.max_bad_fraction={self._max_bad}; "
+                f"worst shards: {', '.join(f'{s} ({n})' for s, n in worst) or 'unknown'}. Remove or "
+                "re-download those shards, or raise --config.data.max_bad_fraction.")
         return batch
 
     def get_state(self):
-        return {"pipeline": self._parent.get_state(), "skipped": self.skipped}
+        return {"pipeline": self._parent.get_state(), "skipped": self.skipped, "delivered": self.delivered,
+                "skipped_by_cause": dict(self.skipped_by_cause), "skipped_by_shard": dict(self.skipped_by_shard)}
 
     def set_state(self, state):
         self._parent.set_state(state["pipeline"])
-        self.skipped = int(state["skipped"])
+        self.skipped, self.delivered = int(state["skipped"]), int(state.get("delivered", 0))
+        self.skipped_by_cause = dict(state.get("skipped_by_cause", {}))
+        self.skipped_by_shard = dict(state.get("skipped_by_shard", {}))
+
+
+def first_leaf(batch: dict):
+    """Any one array of a batch (its leading dim is the batch size)."""
+    value = next(iter(batch.values()))
+    return first_leaf(value) if isinstance(value, dict) else value
 
 
 def make_dataset(
@@ -327,8 +371,16 @@ def make_dataset(
         return latents.make_dataset(cfg, split, global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
                                     num_epochs=num_epochs, extra_transforms=extra_transforms,
                                     process_index=process_index, process_count=process_count)
-    builder, features, source = open_source(cfg, split)
-    return global_batches(source, ExampleDecoder(cfg, features), cfg, builder.name, split,
+    if cfg["source"] != "tfds":
+        from latent_diffusion.data import sources  # pylint: disable=g-import-not-at-top
+
+        source = sources.open_records(dict(cfg, image_key="image"), split)
+        features, name = sources.features_of(source, cfg["keys"]), f"{cfg['source']}:{split}"
+        cfg = dict(cfg, image_key="image")
+    else:
+        builder, features, source = open_source(cfg, split)
+        name = builder.name
+    return global_batches(source, ExampleDecoder(cfg, features), cfg, name, split,
                           global_batch_size=global_batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                           extra_transforms=extra_transforms, process_index=process_index,
                           process_count=process_count)
@@ -403,4 +455,4 @@ def batched(ds, cfg: dict, name: str, *, global_batch_size: int, extra_transform
     it_ds = _DropCorruptDataset(ds.to_iter_dataset(read), name)
     it_ds = it_ds.batch(global_batch_size // process_count, drop_remainder=bool(cfg["drop_remainder"]),
                         batch_fn=_collate)
-    return LoaderIterator(iter(it_ds))
+    return LoaderIterator(iter(it_ds), name, cfg["max_bad_fraction"])

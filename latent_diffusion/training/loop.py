@@ -73,6 +73,13 @@ def compile_together(fn, *args, name: str) -> None:
     multihost.sync_global_processes(f"latent_diffusion:{name}", timeout=1800)
 
 
+def _data_metrics(train_iter) -> dict:
+    """This host's bad-record counts (the loader's), for TensorBoard: data/skipped and one per cause."""
+    out = {"data/skipped": getattr(train_iter, "skipped", 0)}
+    out.update({f"data/skipped_{cause}": n for cause, n in getattr(train_iter, "skipped_by_cause", {}).items()})
+    return out
+
+
 def _writer(workdir: str):
     from clu import metric_writers
     return metric_writers.create_default_writer(os.path.join(workdir, "logs"),
@@ -199,6 +206,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> RunResult:
             train_metrics = _mean_metrics(history)
             history = []
             writer.write_scalars(done, {f"train/{k}": v for k, v in train_metrics.items()})
+            writer.write_scalars(done, _data_metrics(train_iter))
             now = time.perf_counter()
             log.info("%s | %s", progress_line(done, config.num_train_steps, done - last_log[0], now - last_log[1]),
                      _fmt(train_metrics))
