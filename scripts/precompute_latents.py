@@ -107,7 +107,7 @@ def precompute(config, out: str, split: str = "train", shard_size: int = 2048, b
     if first_stage is None:
         first_stage = first_stage_lib.load(config.first_stage, partitioning.make_mesh())
     views = 2 if cfg["random_flip"] else 1
-    builder, features, source = loader.open_source(cfg, split)
+    _, features, source = loader.open_source(cfg, split)  # TFDS, img2dataset shards or a folder
     decoder = loader.ExampleDecoder(cfg, features)
     n = len(source)
     num_shards = max(1, math.ceil(n / shard_size))

@@ -371,15 +371,7 @@ def make_dataset(
         return latents.make_dataset(cfg, split, global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
                                     num_epochs=num_epochs, extra_transforms=extra_transforms,
                                     process_index=process_index, process_count=process_count)
-    if cfg["source"] != "tfds":
-        from latent_diffusion.data import sources  # pylint: disable=g-import-not-at-top
-
-        source = sources.open_records(dict(cfg, image_key="image"), split)
-        features, name = sources.features_of(source, cfg["keys"]), f"{cfg['source']}:{split}"
-        cfg = dict(cfg, image_key="image")
-    else:
-        builder, features, source = open_source(cfg, split)
-        name = builder.name
+    name, features, source = open_source(cfg, split)
     return global_batches(source, ExampleDecoder(cfg, features), cfg, name, split,
                           global_batch_size=global_batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                           extra_transforms=extra_transforms, process_index=process_index,
@@ -412,7 +404,16 @@ def global_batches(source, example_fn, cfg: dict, name: str, split: str, *, glob
 
 
 def open_source(cfg: dict, split: str):
-    """(builder, features, random-access source) of a split; `cfg` as `settings` returns it."""
+    """(name, features, random-access source) of a split, for every data.source; `cfg` as `settings`
+    returns it. Files read in place (webdataset, parquet, folder) come from data/sources.py."""
+    if cfg["source"] != "tfds":
+        from latent_diffusion.data import sources  # pylint: disable=g-import-not-at-top
+
+        if cfg["image_key"] != "image":
+            raise ValueError(f"data.image_key={cfg['image_key']!r} names a TFDS feature; data.source="
+                             f"{cfg['source']!r} finds the image itself (jpg/png/webp): leave it 'image'")
+        source = sources.open_records(cfg, split)
+        return f"{cfg['source']}:{split}", sources.features_of(source, cfg["keys"]), source
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     builder = _open_builder(cfg)
@@ -438,7 +439,7 @@ def open_source(cfg: dict, split: str):
             "format; re-prepare it with `--file_format=array_record` (or convert it with "
             "`tfds convert_format --out_file_format=array_record`)."
         ) from e
-    return builder, features, source
+    return builder.name, features, source
 
 
 def batched(ds, cfg: dict, name: str, *, global_batch_size: int, extra_transforms, process_index: int,

@@ -11,6 +11,8 @@ How each format becomes random access (read in place, nothing converted):
   byte offset of each key's image, caption and metadata. A record read is one seek and one read.
 - Parquet (img2dataset `parquet`): row groups are read on demand; rows whose image is null (failed
   downloads) are left out when the shard is indexed.
+- TFRecord (img2dataset `tfrecord`): the record offsets of each shard are read once from the
+  length prefixes; the Examples are parsed then for the filters and the caption check.
 - Image folders (img2dataset `files`, or any tree of images): a recursive listing; captions from
   same-name `.txt` files, or one subfolder per class as labels.
 
@@ -34,7 +36,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
-KINDS = ("tfds", "webdataset", "parquet", "folder")
+KINDS = ("tfds", "webdataset", "parquet", "tfrecord", "folder")
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -347,6 +349,86 @@ def _walk(folder) -> list[str]:
     return out
 
 
+class TFRecordSource:
+    """img2dataset TFRecord shards: tf.train.Example records with `key`, the image bytes under the
+    encode format's name (`jpg`, `png`, `webp`), `txt` and the metadata fields. Record offsets are
+    found once by reading the length prefixes (TFRecord framing: 8-byte length, 4-byte CRC, data,
+    4-byte CRC); a record read is one seek and one read."""
+
+    def __init__(self, patterns, *, caption_required: bool = True, filters: Filters = Filters()):
+        self.index = Index(list_shards(patterns, ".tfrecord"), [])
+        self._caption_required, self._filters = caption_required, filters
+        for shard_id, shard in enumerate(self.index.shards):
+            try:
+                self._index_shard(shard_id, shard)
+            except OSError as e:
+                self.index.bad_shards[shard] = f"{type(e).__name__}: {e}"
+                log.warning("skipping unreadable shard %s (%s: %s)", shard, type(e).__name__, e)
+        log.info("tfrecord: %s", self.index.summary())
+
+    def _index_shard(self, shard_id: int, shard: str):
+        with _path(shard).open("rb") as f:
+            size, offset = f.seek(0, 2), 0
+            f.seek(0)
+            while offset < size:
+                head = f.read(12)
+                if len(head) < 12:
+                    self.index.bad_shards[shard] = f"truncated at byte {offset}"
+                    break
+                length = int.from_bytes(head[:8], "little")
+                if offset + 16 + length > size:
+                    self.index.bad_shards[shard] = f"truncated at byte {offset}"
+                    break
+                data = f.read(length) if self._filters.active or self._caption_required else None
+                if data is None:
+                    f.seek(length, 1)
+                f.seek(4, 1)
+                keep = True
+                if data is not None:
+                    fields = _example_fields(data)
+                    if not any(e in fields for e in IMAGE_EXTS):
+                        self.index.drop("no_image")
+                        keep = False
+                    elif self._caption_required and not fields.get("txt"):
+                        self.index.drop("no_caption")
+                        keep = False
+                    elif self._filters.active:
+                        why = self._filters.reason(fields)
+                        if why:
+                            self.index.drop(why)
+                            keep = False
+                if keep:
+                    self.index.records.append((shard_id, offset + 12, length))
+                offset += 16 + length
+
+    def __len__(self):
+        return len(self.index.records)
+
+    def __getitem__(self, i: int) -> dict:
+        shard_id, offset, length = self.index.records[i]
+        shard = self.index.shards[shard_id]
+        try:
+            fields = _example_fields(_read_at(shard, offset, length))
+            image = next(fields[e] for e in IMAGE_EXTS if e in fields)
+            return {"image": image, "caption": (fields.get("txt") or b"").decode("utf-8", "replace").strip(),
+                    "key": (fields.get("key") or b"").decode("utf-8", "replace"), "shard": shard}
+        except Exception as e:  # pylint: disable=broad-except
+            return {"key": f"@{offset}", "shard": shard, "_read_error": f"read_error: {shard}: {e}"}
+
+
+def _example_fields(data: bytes) -> dict:
+    """A serialized tf.train.Example as {name: bytes or number} (first value of each feature)."""
+    from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
+    example = example_pb2.Example.FromString(data)
+    out = {}
+    for name, feature in example.features.feature.items():
+        kind = feature.WhichOneof("kind")
+        values = getattr(feature, kind).value if kind else []
+        if values:
+            out[name] = values[0]
+    return out
+
+
 class FolderSource:
     """A folder of images, recursive. Captions from same-name `.txt` files (img2dataset `files`
     output), or with `labels=True` the first-level subfolder names as classes (sorted, from 0)."""
@@ -421,6 +503,8 @@ def open_records(cfg: dict, split: str):
         source = WebDatasetSource(patterns, caption_required=wants_caption, filters=filters)
     elif kind == "parquet":
         source = ParquetSource(patterns, caption_required=wants_caption, filters=filters)
+    elif kind == "tfrecord":
+        source = TFRecordSource(patterns, caption_required=wants_caption, filters=filters)
     elif kind == "folder":
         source = FolderSource(patterns, labels=bool(cfg["folder_labels"]), caption_required=wants_caption,
                               filters=filters)

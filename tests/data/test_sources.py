@@ -195,3 +195,22 @@ def test_too_many_bad_records_stops_naming_the_shard(tmp_path):
         next(it)
     assert it.skipped_by_cause == {"UnidentifiedImageError": it.skipped} and it.skipped > 100
     assert it.skipped_by_shard == {str(tmp_path / "00000.tar"): it.skipped}
+
+
+def test_tfrecord_shards(tmp_path):
+    import tensorflow as tf
+    path = str(tmp_path / "00000.tfrecord")
+    with tf.io.TFRecordWriter(path) as w:
+        for i in range(7):
+            feats = {"key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[f"{i:09d}".encode()])),
+                     "jpg": tf.train.Feature(bytes_list=tf.train.BytesList(value=[_jpeg(i)])),
+                     "width": tf.train.Feature(int64_list=tf.train.Int64List(value=[64 if i != 4 else 8]))}
+            if i != 2:
+                feats["txt"] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[f"caption {i}".encode()]))
+            w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
+    src = sources.TFRecordSource(path, filters=sources.Filters(where="width>=32"))
+    assert src.index.dropped == {"no_caption": 1, "filter:width": 1}
+    assert [src[i]["caption"] for i in range(len(src))] == [f"caption {i}" for i in (0, 1, 3, 5, 6)]
+    cfg = dict(source="tfrecord", shards=path, keys=("caption",), resolution=16, random_flip=False, num_threads=1)
+    batch = next(loader.make_dataset(cfg, "train", global_batch_size=5, seed=0, shuffle=False, num_epochs=1))
+    assert batch["image"].shape == (5, 16, 16, 3) and batch["caption"][0] == "caption 0"
