@@ -298,9 +298,10 @@ class LoaderIterator(grain.DatasetIterator):
     and `skipped_by_shard` break that count down; past `max_bad_fraction` of the records read
     (judged after a few hundred) it stops with TooManyBadRecords naming the worst shards."""
 
-    def __init__(self, parent: grain.DatasetIterator, name: str = "", max_bad_fraction: float = 1.0):
+    def __init__(self, parent: grain.DatasetIterator, name: str = "", max_bad_fraction: float = 1.0,
+                 process_count: int = 1):
         super().__init__(parent)
-        self._name, self._max_bad = name, float(max_bad_fraction)
+        self._name, self._max_bad, self._process_count = name, float(max_bad_fraction), int(process_count)
         self.skipped, self.delivered = 0, 0
         self.skipped_by_cause: dict[str, int] = {}
         self.skipped_by_shard: dict[str, int] = {}
@@ -321,10 +322,18 @@ class LoaderIterator(grain.DatasetIterator):
         return batch
 
     def get_state(self):
-        return {"pipeline": self._parent.get_state(), "skipped": self.skipped, "delivered": self.delivered,
+        return {"pipeline": self._parent.get_state(), "process_count": self._process_count,
+                "skipped": self.skipped, "delivered": self.delivered,
                 "skipped_by_cause": dict(self.skipped_by_cause), "skipped_by_shard": dict(self.skipped_by_shard)}
 
     def set_state(self, state):
+        saved = int(state.get("process_count", self._process_count))
+        if saved != self._process_count:
+            # Each host's position is an index into its own slice of the global batches; another
+            # host count slices differently, so the saved positions do not carry over.
+            raise ValueError(f"dataset {self._name}: the checkpoint's data position was saved by {saved} "
+                             f"process(es), this job has {self._process_count}; resume with {saved} hosts, "
+                             "or train on in a new workdir")
         self._parent.set_state(state["pipeline"])
         self.skipped, self.delivered = int(state["skipped"]), int(state.get("delivered", 0))
         self.skipped_by_cause = dict(state.get("skipped_by_cause", {}))
@@ -456,4 +465,4 @@ def batched(ds, cfg: dict, name: str, *, global_batch_size: int, extra_transform
     it_ds = _DropCorruptDataset(ds.to_iter_dataset(read), name)
     it_ds = it_ds.batch(global_batch_size // process_count, drop_remainder=bool(cfg["drop_remainder"]),
                         batch_fn=_collate)
-    return LoaderIterator(iter(it_ds), name, cfg["max_bad_fraction"])
+    return LoaderIterator(iter(it_ds), name, cfg["max_bad_fraction"], process_count)

@@ -214,3 +214,12 @@ def test_tfrecord_shards(tmp_path):
     cfg = dict(source="tfrecord", shards=path, keys=("caption",), resolution=16, random_flip=False, num_threads=1)
     batch = next(loader.make_dataset(cfg, "train", global_batch_size=5, seed=0, shuffle=False, num_epochs=1))
     assert batch["image"].shape == (5, 16, 16, 3) and batch["caption"][0] == "caption 0"
+
+
+def test_resume_with_another_host_count_is_refused(wds):
+    make = lambda p, n: loader.make_dataset(_cfg(wds), "train", global_batch_size=4, seed=0, num_epochs=None,
+                                            process_index=p, process_count=n)
+    it = make(0, 2)
+    next(it)
+    with pytest.raises(ValueError, match="saved by 2 process.*this job has 1"):
+        make(0, 1).set_state(it.get_state())
