@@ -24,11 +24,10 @@ def main():
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.devices}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from latent_diffusion.training import partitioning
-    from latent_diffusion.training.ldm_task import LDMTask
+    from latent_diffusion.training.abstract import abstract_ldm
 
     path, _, arg = a.config.partition(":")
     import importlib.util
@@ -36,29 +35,9 @@ def main():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(arg or None)
-    if config.task != "ldm":
-        raise SystemExit("describe_model.py describes latent diffusion configs (task 'ldm')")
     mesh = partitioning.make_mesh(a.devices // a.fsdp, a.fsdp)
-    task = LDMTask(config, mesh, workdir="", abstract=True)
     size = a.image_size or int(config.data.resolution)
-    b = mesh.size
-    batch = {"image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)}
-    c = config.conditioning
-    if c.crossattn == "text":
-        batch["tokens"] = jax.ShapeDtypeStruct((b, int(c.text.max_length)), jnp.int32)
-    if c.crossattn == "layout":
-        batch["layout"] = jax.ShapeDtypeStruct((b, 1 + 5 * int(c.layout.max_objects)), jnp.int32)
-    if c.class_label or c.crossattn == "class":
-        batch["label"] = jax.ShapeDtypeStruct((b,), jnp.int32)
-    if c.concat == "lowres":
-        f = int(c.lowres_factor)
-        batch["lowres"] = jax.ShapeDtypeStruct((b, size // f, size // f, 3), jnp.float32)
-    if c.concat == "inpaint":
-        batch["mask"] = jax.ShapeDtypeStruct((b, size, size, 1), jnp.float32)
-    if c.concat == "segmentation":
-        batch["segmentation"] = jax.ShapeDtypeStruct((b, size, size, 1), jnp.int32)
-    frozen = task.frozen()
-    state = jax.eval_shape(task.init, jax.random.key(0), batch, frozen)
+    task, batch, frozen, state = abstract_ldm(config, mesh, mesh.size, size)
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
     model = state.params["model"]
     rows = [("UNet", count(model["unet"])), ("trainable condition encoders", count(model["cond"])),

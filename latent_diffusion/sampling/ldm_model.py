@@ -43,9 +43,7 @@ class LDMModel:
         if c.crossattn == "text":
             from latent_diffusion.data.tokenizers import make_tokenizer
             vocab = int(c.text.get("vocab_size", 0))
-            if abstract and not vocab:
-                raise ValueError("describing a model without its tokenizer needs conditioning.text.vocab_size")
-            if not abstract:
+            if not abstract or not vocab:  # shapes only: the tokenizer only where the vocab size is not given
                 self.tokenizer = make_tokenizer(c.text.tokenizer, int(c.text.max_length))
                 if vocab and vocab != self.tokenizer.vocab_size:
                     raise ValueError(f"conditioning.text.vocab_size is {vocab} but the tokenizer "
