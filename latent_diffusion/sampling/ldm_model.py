@@ -168,7 +168,10 @@ class LDMModel:
     def null_tokens(self, batch_size):
         c = self.config.conditioning
         if c.crossattn == "text":
-            return jnp.broadcast_to(jnp.asarray(self.tokenizer.empty), (batch_size, int(c.text.max_length)))
+            n = int(c.text.max_length)
+            # An abstract model (shapes only, no tokenizer files) needs the shape, not the ids.
+            empty = self.tokenizer.empty if self.tokenizer is not None else np.zeros((n,), np.int32)
+            return jnp.broadcast_to(jnp.asarray(empty), (batch_size, n))
         if c.crossattn == "layout":
             empty = np.zeros((1 + 5 * int(c.layout.max_objects),), np.int32)
             empty[0] = 1

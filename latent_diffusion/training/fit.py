@@ -59,6 +59,8 @@ class Fit:
     hbm: int
     peak: float
 
+    error: str = ""  # the compiler's refusal, when it found the program too big for the chip
+
     @property
     def total_bytes(self) -> int:
         # Donated (aliased) inputs share their buffers with the outputs.
@@ -66,13 +68,15 @@ class Fit:
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.hbm
+        return not self.error and self.total_bytes <= self.hbm
 
     def seconds_at(self, mfu: float) -> float:
         return self.flops / (self.peak * mfu)
 
     def table(self, mfu: float, samples: int, chips: int) -> str:
         g = lambda n: f"{n / GiB:8.2f} GiB"
+        if self.error:
+            return f"{self.name}: DOES NOT FIT; the TPU compiler says: {self.error}"
         t = self.seconds_at(mfu)
         return "\n".join([
             f"{self.name}: per chip",
@@ -86,7 +90,14 @@ class Fit:
         ])
 
 
-def _fit(name: str, compiled, chip: dict) -> Fit:
+def _fit(name: str, lowered, chip: dict) -> Fit:
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # pylint: disable=broad-except  (JaxRuntimeError; only memory refusals are kept)
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        message = str(e).split("RESOURCE_EXHAUSTED:", 1)[-1].strip().splitlines()[0]
+        return Fit(name, 0, 0, 0, 0, 0, 0.0, chip["hbm"], chip["peak_bf16"], error=message)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -120,7 +131,7 @@ def compile_ldm(config, devices, chip: dict, *, batch_size: int, sample_steps: i
     key = jax.eval_shape(lambda: jax.random.key(0))
     step = jax.jit(_guard(task.train_step), in_shardings=(state_shd, batch_shd, repl, frozen_shd),
                    out_shardings=(state_shd, repl), donate_argnums=(0,))
-    fits = [_fit("train step", step.lower(_with_sharding(state, state_shd), batch, key, frozen).compile(), chip)]
+    fits = [_fit("train step", step.lower(_with_sharding(state, state_shd), batch, key, frozen), chip)]
     if sample_steps:
         from latent_diffusion.training.state import eval_params
         params = eval_params(state)
@@ -129,5 +140,5 @@ def compile_ldm(config, devices, chip: dict, *, batch_size: int, sample_steps: i
                                            guidance_scale=guidance_scale),
                          in_shardings=(params_shd, frozen_shd, batch_shd, repl), out_shardings=batch_shd["image"])
         lowered = sample.lower(params, frozen, batch, key)
-        fits.append(_fit(f"sampling ({sample_steps} DDIM steps, guidance {guidance_scale})", lowered.compile(), chip))
+        fits.append(_fit(f"sampling ({sample_steps} DDIM steps, guidance {guidance_scale})", lowered, chip))
     return fits
