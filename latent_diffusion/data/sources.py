@@ -262,17 +262,13 @@ class WebDatasetSource:
                     if why:
                         self.index.drop(why)
                         continue
-                end = members[image_ext][0] + members[image_ext][1]
-                if "txt" in members:
-                    end = max(end, sum(members["txt"]))
-                self.index.records.append((shard_id, key, members[image_ext], members.get("txt"),
-                                           members.get("json"), end))
+                self.index.records.append((shard_id, key, members[image_ext], members.get("txt")))
 
     def __len__(self):
         return len(self.index.records)
 
     def __getitem__(self, i: int) -> dict:
-        shard_id, key, image, txt, meta, _ = self.index.records[i]
+        shard_id, key, image, txt = self.index.records[i]
         shard = self.index.shards[shard_id]
         out = {"key": key.rsplit("/", 1)[-1], "shard": shard}
         try:
