@@ -31,7 +31,8 @@ def get_config(arg=None):
         c.sample.prompt_score.num_prompts = 16  # prompt-following score and grid in TensorBoard
         return c
     c = ldm_common.base(lr=1e-4, batch_size=680, num_train_steps=390_000, tiny=False)
-    c.dataset_hint = "LAION-400M image-caption pairs as a TFDS dataset with 'image' and 'caption' features"
+    c.dataset_hint = ("LAION-400M image-caption pairs: img2dataset shards read in place (data.source, data.shards) "
+                      "or a TFDS dataset with 'image' and 'caption' features")
     c.data.keys = ("caption",)
     c.first_stage = ldm_common.first_stage("kl", 8, scale_factor=0.18215)
     c.unet = ldm_common.unet(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),

@@ -121,12 +121,14 @@ def train_and_evaluate(config, workdir: str, devices=None) -> RunResult:
     from latent_diffusion.data import loader
 
     os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
-    if not config.data.name:
+    if config.data.get("source", "tfds") == "tfds" and not config.data.name:
         raise ValueError(
             "config.data.name is empty: this full-size config needs a dataset "
             f"({config.get('dataset_hint', 'see the config file')}). Pass "
-            "--config.data.name=<TFDS name> --config.data.data_dir=<dir with the prepared dataset>, "
-            "or use the config's ':tiny' variant, which trains on the built-in shapes dataset.")
+            "--config.data.source=webdataset --config.data.shards='/data/{00000..00999}.tar' (img2dataset "
+            "output; also parquet, tfrecord or folder), or --config.data.name=<TFDS name> "
+            "--config.data.data_dir=<dir with the prepared dataset>, or use the config's ':tiny' variant, "
+            "which trains on the built-in shapes dataset.")
     mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
     if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
         raise ValueError(f"batch_size {config.batch_size} and eval_batch_size {config.eval_batch_size} "
