@@ -93,7 +93,7 @@ def evaluate(task: tasks.Task, state, frozen, config, mesh, eval_fn, rng) -> tup
                              seed=config.seed, shuffle=False, num_epochs=1,
                              extra_transforms=task.host_transforms())
     sums, count, images = {}, 0, {}
-    for i, local in enumerate(it):
+    for i, local in enumerate(_batches_every_host_has(it)):
         if config.num_eval_batches and i >= config.num_eval_batches:
             break
         batch = partitioning.global_batch(local, mesh)
@@ -111,6 +111,23 @@ def evaluate(task: tasks.Task, state, frozen, config, mesh, eval_fn, rng) -> tup
                          f"{config.eval_batch_size}; lower --config.eval_batch_size")
     scores, score_images = task.sample_scores(state, frozen)
     return dict({k: v / count for k, v in sums.items()}, **scores), dict(images, **score_images)
+
+
+def _batches_every_host_has(it):
+    """The batches of a finite iterator, while every process still has one.
+
+    Bad records are dropped on the host that reads them, so one epoch can give hosts different batch
+    counts; a host that stopped early would leave the others waiting in the eval step's collectives.
+    """
+    if jax.process_count() == 1:
+        yield from it
+        return
+    from jax.experimental import multihost_utils
+    for local in it:
+        if not multihost_utils.process_allgather(np.int32(1)).all():
+            return
+        yield local
+    multihost_utils.process_allgather(np.int32(0))  # tell the others this host has no more
 
 
 def train_and_evaluate(config, workdir: str, devices=None) -> RunResult:
