@@ -310,7 +310,7 @@ class LoaderIterator(grain.DatasetIterator):
         batch = next(self._parent)
         self.skipped = int(batch.pop(_SKIPPED)[-1])
         self.skipped_by_cause, self.skipped_by_shard = json.loads(batch.pop(_BY_CAUSE)[-1])
-        self.delivered += len(first_leaf(batch))
+        self.delivered += len(_first_leaf(batch))
         seen = self.skipped + self.delivered
         if seen >= _MIN_RECORDS_FOR_FRACTION and self.skipped > self._max_bad * seen:
             worst = sorted(self.skipped_by_shard.items(), key=lambda kv: -kv[1])[:5]
@@ -340,10 +340,10 @@ class LoaderIterator(grain.DatasetIterator):
         self.skipped_by_shard = dict(state.get("skipped_by_shard", {}))
 
 
-def first_leaf(batch: dict):
+def _first_leaf(batch: dict):
     """Any one array of a batch (its leading dim is the batch size)."""
     value = next(iter(batch.values()))
-    return first_leaf(value) if isinstance(value, dict) else value
+    return _first_leaf(value) if isinstance(value, dict) else value
 
 
 def make_dataset(
