@@ -12,6 +12,10 @@ As in CompVis cin256-v2, the label conditions through cross-attention (condition
 'class'): a learned 512-d class embedding, trained with the UNet, is a context of length 1. Its
 extra row (index num_classes) is the null class: conditioning.dropout.class_label of the training
 labels are replaced by it, and guidance samples against it.
+
+First stage (full size): --config.first_stage.checkpoint=<CompVis vq-f4 model.ckpt>
+--config.first_stage.scale_factor=1.0, or --config.first_stage.workdir=<a configs/autoencoder_vq.py:f=4
+run of ours> (its scale factor comes with it). Without one the run stops at start naming these options.
 """
 from configs import common, ldm_common
 

@@ -6,6 +6,12 @@
   --config=configs/ldm_f8_laion.py:tiny the same model family, small, on the shapes captions;
                                         needs a tiny stage-1 run (configs/autoencoder_kl.py:tiny)
                                         in --config.first_stage.workdir (default runs/ae_kl_tiny).
+
+First stage (full size): --config.first_stage.checkpoint=<CompVis kl-f8 model.ckpt>
+--config.first_stage.scale_factor=0.18215, or a diffusers AutoencoderKL folder (config.json +
+diffusion_pytorch_model.safetensors, e.g. <sd-v1>/vae) with the same scale factor, or
+--config.first_stage.workdir=<a configs/autoencoder_kl.py:f=8 run of ours> (its scale factor comes with
+it). Without one the run stops at start naming these options.
 """
 from configs import common, ldm_common
 

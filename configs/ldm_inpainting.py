@@ -13,6 +13,10 @@
 Table 15 prints 1e-6 here, where the other columns print the effective rate (the CompVis base rate
 times the batch size): if 1e-6 is the base rate, the effective one is 1.28e-4
 (--config.optim.lr=1.28e-4). Masks are drawn on the host (data/preprocess.random_inpaint_mask).
+
+First stage (full size): --config.first_stage.checkpoint=<CompVis vq-f4 model.ckpt>
+--config.first_stage.scale_factor=1.0, or --config.first_stage.workdir=<a configs/autoencoder_vq.py:f=4
+run of ours> (its scale factor comes with it). Without one the run stops at start naming these options.
 """
 from configs import common, ldm_common
 

@@ -16,6 +16,10 @@ layout_tokens) with coordinates quantised to conditioning.layout.bins; the refer
 boxes differently (3 tokens per box), so its checkpoints do not load. Set
 conditioning.layout.num_classes to the dataset's box classes. The OpenImages head size follows
 the released layout2img-openimages256 model (Table 15 prints 1 head).
+
+First stage (full size): --config.first_stage.checkpoint=<CompVis vq-f4 model.ckpt; vq-f8 for :coco>
+--config.first_stage.scale_factor=1.0, or --config.first_stage.workdir=<a configs/autoencoder_vq.py:f=4
+(f=8) run of ours> (its scale factor comes with it). Without one the run stops at start naming these options.
 """
 from configs import common, ldm_common
 

@@ -7,7 +7,9 @@
                                               run (configs/autoencoder_vq.py:tiny) in
                                               --config.first_stage.workdir (default runs/ae_vq_tiny).
 
-The full config wants a trained VQ-f4 first stage (--config.first_stage.workdir or .checkpoint).
+First stage (full size): --config.first_stage.checkpoint=<CompVis vq-f4 model.ckpt>
+--config.first_stage.scale_factor=1.0, or --config.first_stage.workdir=<a configs/autoencoder_vq.py:f=4
+run of ours> (its scale factor comes with it). Without one the run stops at start naming these options.
 """
 from configs import ldm_celebahq, common, ldm_common
 

@@ -15,6 +15,10 @@
 The released semantic_synthesis256 model uses the VQ-f4 first stage (in_channels 3+3); Table 15
 lists f=8, which this config follows, and 1 head, where the released model has 8 (kept here).
 The reference resizes the map bilinearly; ours uses nearest.
+
+First stage (full size): --config.first_stage.checkpoint=<CompVis vq-f8 model.ckpt>
+--config.first_stage.scale_factor=1.0, or --config.first_stage.workdir=<a configs/autoencoder_vq.py:f=8
+run of ours> (its scale factor comes with it). Without one the run stops at start naming these options.
 """
 from configs import common, ldm_common
 

@@ -11,6 +11,10 @@
                                    (default runs/ae_vq_tiny).
 
 The reference (bsr_sr) lists attention at factors 16 and 8; with 4 levels only 8 exists.
+
+First stage (full size): --config.first_stage.checkpoint=<CompVis vq-f4 model.ckpt>
+--config.first_stage.scale_factor=1.0, or --config.first_stage.workdir=<a configs/autoencoder_vq.py:f=4
+run of ours> (its scale factor comes with it). Without one the run stops at start naming these options.
 """
 from configs import common, ldm_common
 

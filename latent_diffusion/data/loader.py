@@ -1,7 +1,7 @@
 """Grain input pipeline over any TFDS image dataset prepared as array_record.
 
 Pipeline: TFDS random-access source -> global shuffle (reshuffled every epoch) -> repeat ->
-decode + crop/flip (threads) -> this process's slice of every global batch -> extra
+decode + crop/flip (threads, or data.num_workers processes) -> this process's slice of every global batch -> extra
 transforms -> drop corrupt records (counted) -> batch.
 
 Batches are host-local: a leading dim of global_batch_size // process_count.
@@ -108,14 +108,24 @@ def _is_text_feature(feature) -> bool:
     return isinstance(feature, tfds.features.Text)
 
 
-def _decode_image(value, rgb: bool) -> np.ndarray:
-    """Encoded bytes (or an already decoded array) -> uint8 HWC; RGB when `rgb`."""
+def _decode_image(value, rgb: bool, min_side: int | None = None) -> np.ndarray:
+    """Encoded bytes (or an already decoded array) -> uint8 HWC; RGB when `rgb`.
+
+    `min_side`: a JPEG whose shorter side is at least twice this is decoded at the largest of libjpeg's
+    1/2, 1/4, 1/8 scales that keeps its shorter side >= min_side (PIL's draft mode: the DCT is scaled,
+    so the decode does a fraction of the work); other formats decode at full size.
+    """
     if isinstance(value, np.ndarray) and value.dtype != object:
         array = value if value.ndim == 3 else value[..., None]
         if rgb and array.shape[-1] == 1:
             array = np.repeat(array, 3, -1)
         return array[..., :3] if rgb else array
     with Image.open(io.BytesIO(bytes(value))) as pil:
+        if min_side and pil.format == "JPEG" and min(pil.size) >= 2 * min_side:
+            # draft() picks the smallest scale whose size is >= the request in both dimensions.
+            w, h = pil.size
+            s = min_side / min(w, h)
+            pil.draft(None, (max(1, int(np.ceil(w * s))), max(1, int(np.ceil(h * s)))))
         pil.load()  # truncated / corrupt payloads fail here, not later
         if rgb and pil.mode != "RGB":
             pil = pil.convert("RGB")  # grayscale, palette, CMYK; RGBA drops its alpha
@@ -166,7 +176,9 @@ class ExampleDecoder:
         if "_read_error" in record:  # a record the source could not read (data/sources.py)
             return {CORRUPT: record["_read_error"], _SHARD: record.get("shard", "")}
         try:
-            image = _decode_image(record[cfg["image_key"]], rgb=True)
+            res = cfg["resolution"]
+            image = _decode_image(record[cfg["image_key"]], rgb=True,
+                                  min_side=int(res) if res is not None and cfg["jpeg_draft"] else None)
             plan = None
             if cfg["resolution"] is not None:
                 plan = preprocess.plan_crop(
@@ -299,9 +311,10 @@ class LoaderIterator(grain.DatasetIterator):
     (judged after a few hundred) it stops with TooManyBadRecords naming the worst shards."""
 
     def __init__(self, parent: grain.DatasetIterator, name: str = "", max_bad_fraction: float = 1.0,
-                 process_count: int = 1):
+                 process_count: int = 1, num_workers: int = 0):
         super().__init__(parent)
         self._name, self._max_bad, self._process_count = name, float(max_bad_fraction), int(process_count)
+        self._num_workers = int(num_workers)
         self.skipped, self.delivered = 0, 0
         self.skipped_by_cause: dict[str, int] = {}
         self.skipped_by_shard: dict[str, int] = {}
@@ -323,6 +336,7 @@ class LoaderIterator(grain.DatasetIterator):
 
     def get_state(self):
         return {"pipeline": self._parent.get_state(), "process_count": self._process_count,
+                "num_workers": self._num_workers,
                 "skipped": self.skipped, "delivered": self.delivered,
                 "skipped_by_cause": dict(self.skipped_by_cause), "skipped_by_shard": dict(self.skipped_by_shard)}
 
@@ -334,6 +348,12 @@ class LoaderIterator(grain.DatasetIterator):
             raise ValueError(f"dataset {self._name}: the checkpoint's data position was saved by {saved} "
                              f"process(es), this job has {self._process_count}; resume with {saved} hosts, "
                              "or train on in a new workdir")
+        workers = int(state.get("num_workers", 0))
+        if workers != self._num_workers:
+            # Worker processes keep one position each; another worker count reads the stream in other parts.
+            raise ValueError(f"dataset {self._name}: the checkpoint's data position was saved with "
+                             f"data.num_workers={workers}, this run has {self._num_workers}; resume with "
+                             f"--config.data.num_workers={workers}")
         self._parent.set_state(state["pipeline"])
         self.skipped, self.delivered = int(state["skipped"]), int(state.get("delivered", 0))
         self.skipped_by_cause = dict(state.get("skipped_by_cause", {}))
@@ -462,7 +482,16 @@ def batched(ds, cfg: dict, name: str, *, global_batch_size: int, extra_transform
     read = grain.ReadOptions(
         num_threads=int(cfg["num_threads"]), prefetch_buffer_size=int(cfg["prefetch_buffer_size"])
     )
-    it_ds = _DropCorruptDataset(ds.to_iter_dataset(read), name)
+    it_ds = ds.to_iter_dataset(read)
+    workers = int(cfg["num_workers"])
+    if workers > 0:
+        # Worker w decodes elements w, w + n, ... of the stream and the results are read back in turn,
+        # so the order (and every batch) is the one of num_workers=0; the position is per worker.
+        from absl import flags  # pylint: disable=g-import-not-at-top
+        if not flags.FLAGS.is_parsed():  # grain reads its absl flags; a library caller may not have parsed any
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    it_ds = _DropCorruptDataset(it_ds, name)
     it_ds = it_ds.batch(global_batch_size // process_count, drop_remainder=bool(cfg["drop_remainder"]),
                         batch_fn=_collate)
-    return LoaderIterator(iter(it_ds), name, cfg["max_bad_fraction"], process_count)
+    return LoaderIterator(iter(it_ds), name, cfg["max_bad_fraction"], process_count, workers)

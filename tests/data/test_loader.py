@@ -347,3 +347,43 @@ def test_flipped_captions_swap_left_and_right():
     assert preprocess.mirror_text("a red circle at the top left and a star on the Right") == (
         "a red circle at the top right and a star on the Left")
     assert preprocess.mirror_text("leftover, righteous, in the center") == "leftover, righteous, in the center"
+
+
+def test_worker_processes_give_the_same_batches_and_resume(shapes_dir):
+    # Decoding in 2 worker processes (grain mp_prefetch) changes neither the batches nor their order.
+    cfg = _cfg(shapes_dir, random_flip=True, random_crop=True, resolution=28, keys=("caption", "label"))
+    make = lambda **kw: loader.make_dataset(dict(cfg.to_dict(), **kw), "train", global_batch_size=4, seed=5,
+                                            process_index=0, process_count=1)
+    threads = _take(make(), 6)
+    it = make(num_workers=2)
+    _assert_batches_equal(_take(it, 4), threads[:4])
+    state = it.get_state()
+    resumed = make(num_workers=2)
+    resumed.set_state(state)
+    _assert_batches_equal(_take(resumed, 2), threads[4:])
+    with pytest.raises(ValueError, match="data.num_workers=2, this run has 0"):
+        make().set_state(state)
+    for i in (it, resumed):
+        i.close()
+
+
+def test_jpeg_draft_decodes_large_jpegs_at_a_reduced_scale():
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, 640)[None, :, None] * np.ones((480, 1, 3))
+    img = np.clip(ramp + rng.normal(0, 8, ramp.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=95)
+    full = loader._decode_image(buf.getvalue(), rgb=True)
+    assert full.shape == (480, 640, 3)
+    # Shorter side 480 >= 2 x 100: decoded at 1/4 (120 x 160), the largest scale keeping 100 px.
+    small = loader._decode_image(buf.getvalue(), rgb=True, min_side=100)
+    assert small.shape == (120, 160, 3)
+    assert loader._decode_image(buf.getvalue(), rgb=True, min_side=250).shape == (480, 640, 3)
+    # After the loader's resize to the target the two agree closely (JPEG's DCT scaling is a box filter).
+    a = preprocess.resize(full, 75, 100, "bicubic").astype(np.float32)
+    b = preprocess.resize(small, 75, 100, "bicubic").astype(np.float32)
+    assert np.abs(a - b).mean() < 3.0
+    # A PNG is never drafted.
+    png = io.BytesIO()
+    Image.fromarray(img).save(png, format="PNG")
+    assert loader._decode_image(png.getvalue(), rgb=True, min_side=100).shape == (480, 640, 3)
