@@ -6,7 +6,10 @@
 Reads the split in its own order with the training preprocessing but a centre crop; when the config
 flips at random it also encodes every mirror image, so training keeps its flips. KL first stages
 store the posterior mean and std (training samples fresh noise every step, as before), VQ ones the
-latents; see latent_diffusion/data/latents.py for the format. Every host runs the same command;
+latents; see latent_diffusion/data/latents.py for the format. Where the text encoder is a frozen
+CLIP (sd_v1, sd_v2) the embedding of every view's caption is stored too (--text_embeddings,
+float16 by default: 77x768 numbers are 118 KiB a view), and training then runs neither encoder
+in its step. Every host runs the same command;
 the work is split over all devices with ShardedMap. Shards are written atomically and a killed job
 resumes at the first missing shard. Precompute the eval split too (--split=test), or training
 stops at start saying so.
@@ -58,6 +61,46 @@ class _ShardRows:
                             for r in rows[a:a + batch_size]]).astype(np.float32)
 
 
+class _CaptionRows:
+    """Token ids of the captions of examples [start, stop) (and of their mirror images), read on demand."""
+
+    def __init__(self, source, tokenizer, start, stop, views, rows=None):
+        self.source, self.tokenizer, self.start, self.stop, self.views = source, tokenizer, start, stop, views
+        self.rows = rows if rows is not None else (0, (stop - start) * views)
+
+    def __len__(self):
+        return self.rows[1] - self.rows[0]
+
+    def slice(self, a, b):
+        return _CaptionRows(self.source, self.tokenizer, self.start, self.stop, self.views,
+                            (self.rows[0] + a, self.rows[0] + b))
+
+    def caption(self, i, view):
+        from latent_diffusion.data import preprocess
+        text = self.source[i].get("caption", "")  # as loader.ExampleDecoder reads a text feature
+        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        return preprocess.mirror_text(text) if view else text
+
+    def batches(self, batch_size):
+        rows = range(*self.rows)
+        for a in range(0, len(rows), batch_size):
+            yield self.tokenizer([self.caption(self.start + r // self.views, r % self.views)
+                                  for r in rows[a:a + batch_size]])
+
+
+def _text_encoder(config, mesh):
+    """(tokenizer, CLIP module, params) of a config whose text encoder is a frozen CLIP; else a message."""
+    c = config.conditioning
+    if c.crossattn != "text" or c.text.encoder != "clip":
+        what = "text encoder is trained jointly" if c.crossattn == "text" else "model has no text condition"
+        raise ValueError(f"--text_embeddings stores a frozen text encoder's output, but this config's {what} "
+                         "(conditioning.text.encoder must be 'clip'); run without --text_embeddings")
+    from latent_diffusion.data.tokenizers import make_tokenizer
+    from latent_diffusion.sampling.ldm_model import LDMModel
+    module, params = LDMModel._load_clip(c.text, mesh)  # pylint: disable=protected-access
+    return make_tokenizer(c.text.tokenizer, int(c.text.max_length)), module, params
+
+
 def _encode_fn(first_stage):
     def fn(params, x):
         out = first_stage.module.apply({"params": params}, x, method="encode")
@@ -84,8 +127,13 @@ def _agree(value: bool) -> bool:
 
 
 def precompute(config, out: str, split: str = "train", shard_size: int = 2048, batch_size: int = 64,
-               first_stage=None, progress: bool = False) -> dict:
-    """Writes the latents of `split` under out/<split>/ and returns its metadata; resumes a partial run."""
+               first_stage=None, progress: bool = False, text_embeddings: bool | None = None,
+               text_dtype: str = "float16") -> dict:
+    """Writes the latents of `split` under out/<split>/ and returns its metadata; resumes a partial run.
+
+    text_embeddings: also store the frozen CLIP's embedding of every view's caption ('context'), so
+    training runs neither encoder; None: when the config's text encoder is a frozen CLIP.
+    """
     import jax
     from array_record.python import array_record_module
 
@@ -106,6 +154,12 @@ def precompute(config, out: str, split: str = "train", shard_size: int = 2048, b
     res = int(cfg["resolution"])
     if first_stage is None:
         first_stage = first_stage_lib.load(config.first_stage, partitioning.make_mesh())
+    c = config.conditioning
+    if text_embeddings is None:
+        text_embeddings = c.crossattn == "text" and c.text.encoder == "clip"
+    if text_dtype not in ("float16", "float32"):
+        raise ValueError(f"--text_dtype must be float16 or float32, got {text_dtype!r}")
+    text = _text_encoder(config, partitioning.make_mesh()) if text_embeddings else None
     views = 2 if cfg["random_flip"] else 1
     _, features, source = loader.open_source(cfg, split)  # TFDS, img2dataset shards or a folder
     decoder = loader.ExampleDecoder(cfg, features)
@@ -121,6 +175,9 @@ def precompute(config, out: str, split: str = "train", shard_size: int = 2048, b
                 data={k: cfg[k] for k in latents.PREPROCESSING + ("keys", "random_flip")},
                 shards=[latents.shard_name(k) for k in range(num_shards)], complete=False)
     meta["data"]["keys"] = list(cfg["keys"])
+    if text is not None:
+        meta["text"] = latents.text_identity(c.text, text[2], text_dtype)
+        meta["fields"].append(latents.TEXT_FIELD)
     meta_path = os.path.join(folder, "metadata.json")
     if os.path.exists(meta_path):
         with open(meta_path) as fh:
@@ -135,6 +192,10 @@ def precompute(config, out: str, split: str = "train", shard_size: int = 2048, b
     if jax.process_index() == 0:
         _write_json(meta_path, meta)
     smap = ShardedMap(_encode_fn(first_stage), first_stage.params, batch_size=batch_size, progress=progress)
+    if text is not None:
+        tokenizer, clip, clip_params = text
+        text_map = ShardedMap(lambda p, tok: {latents.TEXT_FIELD: clip.apply({"params": p}, tok)[0]}, clip_params,
+                              batch_size=batch_size, progress=progress)
     for k in range(num_shards):
         path = os.path.join(folder, latents.shard_name(k))
         if _agree(os.path.exists(path)):
@@ -142,6 +203,10 @@ def precompute(config, out: str, split: str = "train", shard_size: int = 2048, b
         start, stop = k * shard_size, min(n, (k + 1) * shard_size)
         rows = _ShardRows(source, decoder, start, stop, views, res)
         z = smap(rows, desc=f"{split} shard {k + 1}/{num_shards}", row_shape=(res, res, 3), row_dtype=np.float32)
+        if text is not None:
+            ctx = text_map(_CaptionRows(source, tokenizer, start, stop, views), desc=f"{split} captions {k + 1}",
+                           row_shape=(int(c.text.max_length),), row_dtype=np.int32)
+            z[latents.TEXT_FIELD] = ctx[latents.TEXT_FIELD].astype(text_dtype)
         if jax.process_index() == 0:
             tmp = path + ".tmp"
             writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
@@ -173,7 +238,9 @@ def main(argv):
     from latent_diffusion import cli
     F = flags.FLAGS
     cli.start(F.distributed)
-    meta = precompute(F.config, F.out, F.split, F.shard_size, F.batch_size, progress=True)
+    text = {"auto": None, "true": True, "false": False}[F.text_embeddings]
+    meta = precompute(F.config, F.out, F.split, F.shard_size, F.batch_size, progress=True, text_embeddings=text,
+                      text_dtype=F.text_dtype)
     print(f"{meta['num_examples']} examples x {meta['views']} view(s) of split {meta['split']!r} encoded "
           f"to {os.path.join(F.out, meta['split'])} (latents {tuple(meta['latent_shape'])})")
 
@@ -188,6 +255,9 @@ if __name__ == "__main__":
     flags.DEFINE_string("split", "train", "the split to encode; run again with the eval split")
     flags.DEFINE_integer("shard_size", 2048, "examples per array_record shard (the unit of resuming)")
     flags.DEFINE_integer("batch_size", 64, "images per encoder call over all devices")
+    flags.DEFINE_enum("text_embeddings", "auto", ["auto", "true", "false"],
+                      "also store the frozen text encoder's caption embeddings (auto: when it is a frozen CLIP)")
+    flags.DEFINE_enum("text_dtype", "float16", ["float16", "float32"], "the stored text embeddings' dtype")
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host jobs)")
     flags.mark_flags_as_required(["config", "out"])
     app.run(main)

@@ -7,7 +7,8 @@ A record is an .npz (no pickle) with one or two views: view 0 of the centre-crop
 view 1 (when the config flips) of its mirror image. Each view holds the example's conditioning
 fields as the image loader decodes them (captions, labels, padded objects, segmentation maps)
 plus 'z_mean' and 'z_std' (KL, unscaled posterior, float32) or 'z' (VQ, unscaled quantized
-latents). Records of images that failed to decode hold only '_corrupt', so indices line up
+latents), and with --text_embeddings (a frozen CLIP) 'context': the embedding of that view's
+caption (float16 by default). Records of images that failed to decode hold only '_corrupt', so indices line up
 with the source and the loader drops and counts them like the image loader does.
 
 The reader builds the same grain pipeline as the image loader (seed, shuffle, repeat, one
@@ -29,6 +30,7 @@ from latent_diffusion.data.loader import CORRUPT
 FORMAT = 1
 KL_FIELDS = ("z_mean", "z_std")
 VQ_FIELDS = ("z",)
+TEXT_FIELD = "context"  # a frozen CLIP's embedding of the view's caption (L, D), when stored
 
 
 def split_dir(latents_dir: str, split: str) -> str:
@@ -96,7 +98,7 @@ def read_metadata(latents_dir: str, split: str) -> dict:
 
 
 # Preprocessing settings that change what a stored latent means; a mismatch is refused.
-PREPROCESSING = ("name", "config", "version", "image_key", "resolution", "resize_method")
+PREPROCESSING = ("name", "config", "version", "image_key", "resolution", "resize_method", "jpeg_draft")
 
 
 def check_data(meta: dict, cfg: dict, where: str) -> None:
@@ -120,18 +122,48 @@ def check_data(meta: dict, cfg: dict, where: str) -> None:
 
 def first_stage_identity(first_stage, fs_cfg) -> dict:
     """What a stored latent depends on: the first stage's kind, shape, scale, source and a digest of its params."""
+    return dict(kind=first_stage.kind, scale_factor=float(first_stage.scale_factor),
+                downsample=int(first_stage.downsample), latent_channels=int(first_stage.latent_channels),
+                workdir=str(fs_cfg.get("workdir", "") or ""), checkpoint=str(fs_cfg.get("checkpoint", "") or ""),
+                random_init=bool(fs_cfg.get("random_init", False)), use_ema=bool(fs_cfg.get("use_ema", True)),
+                params_sha256=params_digest(first_stage.params))
+
+
+def params_digest(params) -> str:
+    """sha256 of a parameter tree's values, in tree order."""
     import hashlib  # pylint: disable=g-import-not-at-top
 
     import jax  # pylint: disable=g-import-not-at-top
 
     digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(jax.device_get(first_stage.params)):
+    for leaf in jax.tree.leaves(jax.device_get(params)):
         digest.update(np.ascontiguousarray(leaf).tobytes())
-    return dict(kind=first_stage.kind, scale_factor=float(first_stage.scale_factor),
-                downsample=int(first_stage.downsample), latent_channels=int(first_stage.latent_channels),
-                workdir=str(fs_cfg.get("workdir", "") or ""), checkpoint=str(fs_cfg.get("checkpoint", "") or ""),
-                random_init=bool(fs_cfg.get("random_init", False)), use_ema=bool(fs_cfg.get("use_ema", True)),
-                params_sha256=digest.hexdigest())
+    return digest.hexdigest()
+
+
+def text_identity(text_cfg, clip_params, dtype: str) -> dict:
+    """What a stored text embedding depends on: the frozen CLIP's weights, its tokenizer, length and layer."""
+    return dict(encoder="clip", tokenizer=str(text_cfg.tokenizer), max_length=int(text_cfg.max_length),
+                penultimate=bool(text_cfg.get("penultimate", False)), checkpoint=str(text_cfg.checkpoint),
+                params_sha256=params_digest(clip_params), dtype=dtype)
+
+
+def check_text(meta: dict, identity: dict | None, where: str) -> None:
+    """Refuses stored text embeddings ('context') made by another text encoder than the run's."""
+    stored = meta.get("text")
+    if stored is None:
+        return
+    if identity is None:
+        raise ValueError(f"the latents in {where} hold text embeddings of a frozen CLIP, but this run's text "
+                         "encoder is trained jointly (conditioning.text.encoder is not 'clip'): precompute "
+                         "without --text_embeddings")
+    for key in ("tokenizer", "max_length", "penultimate", "params_sha256"):
+        if stored.get(key) != identity[key]:
+            what = "weights" if key == "params_sha256" else key
+            raise ValueError(f"the text embeddings in {where} were computed by another text encoder: its {what} "
+                             f"{stored.get(key)!r} differs from this run's {identity[key]!r} (stored from "
+                             f"checkpoint={stored.get('checkpoint')!r}). Point conditioning.text at that encoder, "
+                             "or precompute again")
 
 
 def check_first_stage(meta: dict, identity: dict, where: str) -> None:
@@ -175,6 +207,8 @@ def make_dataset(cfg: dict, split: str, *, global_batch_size: int, seed: int, sh
         raise ValueError(f"{folder} holds {len(source)} records but its metadata says {meta['num_examples']}: "
                          "the files are damaged; precompute again")
     keys = tuple(cfg["keys"]) + (KL_FIELDS if meta["kind"] == "kl" else VQ_FIELDS)
+    if meta.get("text"):
+        keys += (TEXT_FIELD,)
     # The image pipeline's global order, so every step sees the same examples and flips.
     return loader.global_batches(source, _PickView(cfg, keys), cfg, f"latents:{folder}", split,
                                  global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,

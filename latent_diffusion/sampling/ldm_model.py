@@ -38,7 +38,7 @@ class LDMModel:
         self.schedule = schedules.make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
         self.prediction_type = objectives.canonical_prediction_type(d.prediction_type)
         self.tokenizer = None
-        self._clip, self._clip_params = None, None
+        self._clip, self._clip_params, self._null_context = None, None, None
         text_kwargs = None
         if c.crossattn == "text":
             from latent_diffusion.data.tokenizers import make_tokenizer
@@ -87,7 +87,7 @@ class LDMModel:
                                                     "conditioning.text.checkpoint")
         module, params = convert.from_transformers(hf_config, weights)
         if text_cfg.get("penultimate", False):
-            module = module.replace(output_layer=-2)
+            module = module.clone(output_layer=-2)
         params = jax.device_put(params, jax.tree.map(lambda _: partitioning.replicated(mesh), params))
         return module, params
 
@@ -136,7 +136,23 @@ class LDMModel:
         out = {"first_stage": self.first_stage.params}
         if self._clip is not None:
             out["clip"] = self._clip_params
+            # The empty prompt's embedding: guidance dropout of stored text embeddings (data.latents_dir
+            # with 'context') needs it without running the encoder in the step.
+            out["null_context"] = self.null_context()
         return out
+
+    def null_context(self):
+        """The frozen CLIP's embedding of the empty prompt, (1, L, D), computed once."""
+        if self._null_context is None:
+            fn = lambda p: self.text_context(p, self.null_tokens(1))
+            abstract = isinstance(jax.tree.leaves(self._clip_params)[0], jax.ShapeDtypeStruct)
+            self._null_context = jax.eval_shape(fn, self._clip_params) if abstract else jax.jit(fn)(self._clip_params)
+        return self._null_context
+
+    def text_context(self, clip_params, tokens):
+        """The frozen CLIP's cross-attention context for token ids (B, L)."""
+        ctx, _ = self._clip.apply({"params": clip_params}, tokens)
+        return jax.lax.stop_gradient(ctx)
 
     # --- conditions -------------------------------------------------------------------------
     @staticmethod
@@ -185,7 +201,15 @@ class LDMModel:
         keys = jax.random.split(rng, 4)
         out = {}
         key = {"text": "tokens", "layout": "layout"}.get(c.crossattn)
-        if key:
+        if key == "tokens" and "context" in batch:
+            # Stored text embeddings (scripts/precompute_latents.py): the encoder does not run.
+            ctx = batch["context"].astype(jnp.float32)
+            p = float(c.dropout.get("text", 0.0))
+            if drop and p > 0:
+                gone = jax.random.bernoulli(keys[0], p, (b,))
+                ctx = jnp.where(gone[:, None, None], frozen["null_context"].astype(jnp.float32), ctx)
+            out["context"] = ctx
+        elif key:
             tokens = batch[key]
             p = float(c.dropout.get(c.crossattn, 0.0))
             if drop and p > 0:
@@ -217,10 +241,11 @@ class LDMModel:
         """Raw conditions -> {'context', 'y', 'concat'} as the UNet takes them."""
         c = self.config.conditioning
         out = {}
+        if "context" in raw:
+            out["context"] = raw["context"]
         if "tokens" in raw:
             if c.crossattn == "text" and self._clip is not None:
-                ctx, _ = self._clip.apply({"params": frozen["clip"]}, raw["tokens"])
-                out["context"] = jax.lax.stop_gradient(ctx)
+                out["context"] = self.text_context(frozen["clip"], raw["tokens"])
             elif c.crossattn == "text":
                 out["context"] = self.cond_module.apply({"params": cond_params}, raw["tokens"],
                                                         method="encode_text")
@@ -255,14 +280,15 @@ class LDMModel:
         cond = self.unet_inputs(model_params["cond"], frozen, raw_cond, latent_hw)
         uncond = self.unet_inputs(model_params["cond"], frozen, raw_uncond, latent_hw)
         apply = lambda x, t, inputs: self.apply_unet(model_params["unet"], x, t, inputs)
-        guided = any(k in raw_cond for k in ("tokens", "y", "class"))
+        guided = any(k in raw_cond for k in ("tokens", "context", "y", "class"))
         return cfg_model_fn(apply, cond, uncond, scale if guided else 1.0)
 
     def null_conditions(self, raw):
         """The unconditional counterpart of raw conditions: empty prompt / layout, null class."""
         b = jax.tree.leaves(raw)[0].shape[0] if raw else 0
         out = dict(raw)
-        if "tokens" in raw:
+        if "tokens" in raw or "context" in raw:
+            out.pop("context", None)  # a stored embedding's null is the empty prompt, through the encoder
             out["tokens"] = self.null_tokens(b)
         for key in ("y", "class"):
             if key in raw:

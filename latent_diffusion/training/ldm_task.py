@@ -35,7 +35,7 @@ class HostConditions:
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         cfg = self.cfg
         out = dict(element)
-        if cfg.crossattn == "text":
+        if cfg.crossattn == "text" and "context" not in element:  # else stored text embeddings
             out["tokens"] = self.tokenizer([str(element["caption"])])[0]
         if cfg.crossattn == "layout":
             obj = element["objects"]
@@ -75,6 +75,10 @@ class LDMTask(LDMModel):
             meta = latents.read_metadata(self.latents_dir, split)
             where = latents.split_dir(self.latents_dir, split)
             latents.check_first_stage(meta, identity, where)
+            text, text_cfg = meta.get("text"), self.config.conditioning.text
+            ours = (latents.text_identity(text_cfg, self._clip_params, text["dtype"])
+                    if text and self._clip is not None else None)
+            latents.check_text(meta, ours, where)
             res = d.get("resolution")
             want = [res // self.first_stage.downsample] * 2 + [self.first_stage.latent_channels] if res else None
             if want and list(meta["latent_shape"]) != want:

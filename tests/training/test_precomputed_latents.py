@@ -187,3 +187,81 @@ def test_interrupted_precompute_resumes_to_the_same_files(stored, tmp_path):
     config.data.resolution = 64
     with pytest.raises(ValueError, match="other settings"):
         stored["script"].precompute(config, out, "train", shard_size=24, batch_size=8, first_stage=stored["fs"])
+
+
+def _clip_config(data_dir, tmp_path, latents_dir=""):
+    """The tiny text LDM with a frozen (random) CLIP text encoder in place of the jointly trained one."""
+    import torch
+    import transformers
+    from latent_diffusion.data.tokenizers import make_tokenizer
+    c = tiny_config(data_dir, latents_dir)
+    folder = tmp_path / "clip_text"
+    if not folder.exists():
+        tok = make_tokenizer(c.conditioning.text.tokenizer, int(c.conditioning.text.max_length))
+        torch.manual_seed(0)
+        hf = transformers.CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, bos_token_id=tok.bos_id,
+                                         eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                                         max_position_embeddings=int(c.conditioning.text.max_length))
+        transformers.CLIPTextModel(hf).save_pretrained(str(folder))
+    c.conditioning.text.update(encoder="clip", checkpoint=str(folder))
+    return c
+
+
+def test_stored_text_embeddings_train_without_the_encoder(stored, tmp_path):
+    """A frozen CLIP's caption embeddings stored with the latents: equal to the encoder's, and the step
+    does not run the encoder (NaN CLIP weights leave its loss unchanged)."""
+    from latent_diffusion.data import latents, loader
+    from latent_diffusion.diffusion import objectives
+    from latent_diffusion.training import partitioning
+    from latent_diffusion.training.ldm_task import LDMTask
+    out = str(tmp_path / "with_text")
+    config = _clip_config(stored["data_dir"], tmp_path)
+    for split in ("train", "test"):
+        meta = stored["script"].precompute(config, out, split, shard_size=32, batch_size=8, first_stage=stored["fs"])
+    assert meta["text"]["encoder"] == "clip" and "context" in meta["fields"] and meta["text"]["dtype"] == "float16"
+    config = _clip_config(stored["data_dir"], tmp_path, out)
+    mesh = partitioning.make_mesh()
+    task = LDMTask(config, mesh, "")
+    task.first_stage = stored["fs"]
+    frozen = task.frozen()
+    assert frozen["null_context"].shape == (1, int(config.conditioning.text.max_length), 32)
+    batches = []
+    for latents_dir in (out, ""):
+        config.data.latents_dir = latents_dir
+        it = loader.make_dataset(config.data, "train", global_batch_size=8, seed=3, shuffle=True,
+                                 extra_transforms=task.host_transforms())
+        batches.append(partitioning.global_batch(next(it), mesh))
+    stored_b, images_b = batches
+    assert "tokens" not in stored_b and stored_b["context"].dtype == np.float16 and "tokens" in images_b
+    # The stored embedding is the encoder's output for the (mirrored, where flipped) caption, in float16.
+    ctx = np.asarray(task.text_context(frozen["clip"], images_b["tokens"]))
+    np.testing.assert_allclose(np.asarray(stored_b["context"], np.float32), ctx, atol=2e-3 * np.abs(ctx).max())
+    state = jax.jit(task.init)(jax.random.key(0), images_b, frozen)
+    leaves, tree = jax.tree.flatten(state.params["model"])
+    keys = jax.random.split(jax.random.key(9), len(leaves))
+    params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+    t = objectives.sample_timesteps(jax.random.key(1), 8, task.schedule.num_timesteps)
+    loss = jax.jit(lambda b, f: task.loss_terms(params, b, jax.random.key(2), f, t, jax.random.key(4), drop=True,
+                                                 deterministic=False))
+    a, b = np.asarray(loss(stored_b, frozen)), np.asarray(loss(images_b, frozen))
+    assert np.all(np.isfinite(a)) and a.std() > 0
+    np.testing.assert_allclose(a, b, rtol=5e-3, atol=1e-5)
+    broken = dict(frozen, clip=jax.tree.map(lambda x: x * np.nan, frozen["clip"]))
+    np.testing.assert_array_equal(np.asarray(loss(stored_b, broken)), a)
+    # Embeddings of another encoder are refused.
+    other = _clip_config(stored["data_dir"], tmp_path, out)
+    other.conditioning.text.penultimate = True
+    with pytest.raises(ValueError, match="another text encoder: its penultimate"):
+        LDMTask(other, mesh, "").host_transforms()
+    with pytest.raises(ValueError, match="trained jointly"):
+        LDMTask(tiny_config(stored["data_dir"], out), mesh, "").host_transforms()
+    assert latents.read_metadata(out, "test")["text"]["params_sha256"] == meta["text"]["params_sha256"]
+    # The training loop on them, with guidance dropout and a sampled summary (its null prompt via the encoder).
+    from latent_diffusion.training.loop import train_and_evaluate
+    config = _clip_config(stored["data_dir"], tmp_path, out)
+    config.first_stage.model.ch = 16  # the stored first stage (random init, seed 0) is rebuilt
+    config.num_train_steps, config.eval_every, config.checkpoint.every = 2, 2, 2
+    config.sample.steps, config.sample.num_images = 2, 2
+    result = train_and_evaluate(config, str(tmp_path / "run"))
+    assert result.step == 2 and np.isfinite(result.train_metrics["loss"]) and np.isfinite(result.eval_metrics["loss"])
