@@ -127,6 +127,11 @@ def _decode_image(value, rgb: bool, min_side: int | None = None) -> np.ndarray:
             s = min_side / min(w, h)
             pil.draft(None, (max(1, int(np.ceil(w * s))), max(1, int(np.ceil(h * s)))))
         pil.load()  # truncated / corrupt payloads fail here, not later
+        if pil.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit (and 32-bit integer) greyscale: PIL's convert would clip every level above 255 to white.
+            wide = np.asarray(pil, np.uint32 if pil.mode == "I" else np.uint16)
+            shift = 8 if pil.mode != "I" or wide.max() < 65536 else 24
+            pil = Image.fromarray((wide >> shift).astype(np.uint8), mode="L")
         if rgb and pil.mode != "RGB":
             pil = pil.convert("RGB")  # grayscale, palette, CMYK; RGBA drops its alpha
         array = np.asarray(pil)

@@ -246,7 +246,8 @@ class WebDatasetSource:
                 if image_ext is None:
                     self.index.drop("no_image")
                     continue
-                if "txt" not in members and self._caption_required:
+                # img2dataset writes an empty .txt for a row without caption: no caption either.
+                if self._caption_required and members.get("txt", (0, 0))[1] == 0:
                     self.index.drop("no_caption")
                     continue
                 if filters.active:
