@@ -405,7 +405,7 @@ def make_dataset(
         return latents.make_dataset(cfg, split, global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
                                     num_epochs=num_epochs, extra_transforms=extra_transforms,
                                     process_index=process_index, process_count=process_count)
-    name, features, source = open_source(cfg, split)
+    name, features, source = open_source(cfg, split, process_index, process_count)
     return global_batches(source, ExampleDecoder(cfg, features), cfg, name, split,
                           global_batch_size=global_batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                           extra_transforms=extra_transforms, process_index=process_index,
@@ -437,7 +437,7 @@ def global_batches(source, example_fn, cfg: dict, name: str, split: str, *, glob
                    process_index=process_index, process_count=process_count)
 
 
-def open_source(cfg: dict, split: str):
+def open_source(cfg: dict, split: str, process_index: int = 0, process_count: int = 1):
     """(name, features, random-access source) of a split, for every data.source; `cfg` as `settings`
     returns it. Files read in place (webdataset, parquet, folder) come from data/sources.py."""
     if cfg["source"] != "tfds":
@@ -446,7 +446,7 @@ def open_source(cfg: dict, split: str):
         if cfg["image_key"] != "image":
             raise ValueError(f"data.image_key={cfg['image_key']!r} names a TFDS feature; data.source="
                              f"{cfg['source']!r} finds the image itself (jpg/png/webp): leave it 'image'")
-        source = sources.open_records(cfg, split)
+        source = sources.open_records(cfg, split, process_index, process_count)
         return f"{cfg['source']}:{split}", sources.features_of(source, cfg["keys"]), source
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 

@@ -176,6 +176,94 @@ class Index:
         return ", ".join(parts)
 
 
+class ShardIndexCache:
+    """Per-shard indexes kept in a folder (data.index_cache; local or gs://), so a shard is scanned once.
+
+    One JSON file per shard, named by a digest of the shard's path and of what indexing depends on
+    (the source kind, the caption rule, the filters); it also records the shard's size and mtime,
+    and a shard that changed is indexed again. Files are written under a temporary name and renamed,
+    so hosts that index the same shard at once each leave a whole file. Unreadable shards are not
+    cached (the failure may be transient)."""
+
+    def __init__(self, folder: str, settings: dict):
+        self.folder = _path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.settings = json.dumps(settings, sort_keys=True)
+
+    def _file(self, shard: str):
+        import hashlib  # pylint: disable=g-import-not-at-top
+        return self.folder / (hashlib.sha1(f"{shard}\n{self.settings}".encode()).hexdigest() + ".json")
+
+    @staticmethod
+    def _stamp(shard: str) -> list:
+        st = _path(shard).stat()
+        return [int(st.length), int(st.mtime)]
+
+    def get(self, shard: str) -> dict | None:
+        try:
+            entry = json.loads(self._file(shard).read_text())
+            return entry if entry.get("stamp") == self._stamp(shard) else None
+        except (OSError, ValueError):
+            return None
+
+    def put(self, shard: str, entry: dict) -> None:
+        import uuid  # pylint: disable=g-import-not-at-top
+        target = self._file(shard)
+        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(json.dumps(dict(entry, stamp=self._stamp(shard))))
+        tmp.rename(target)
+
+
+_UNREADABLE = (OSError, tarfile.TarError, EOFError, ValueError)
+
+
+def build_index(kind: str, shards: list[str], index_one: Callable[[str, Index], None], settings: dict, *,
+                cache_dir: str = "", threads: int = 16, process_index: int = 0, process_count: int = 1) -> Index:
+    """The index of all `shards`: `index_one(shard, part)` fills a one-shard Index (records carrying
+    shard id 0), read from / written to the cache when `cache_dir` is set. Shards are indexed in
+    `threads` threads (the work is mostly waiting for reads on gs://), each host starting at its own
+    offset so that with a cache the hosts of a job share the first scan; the result does not depend
+    on the thread count, the host or the cache."""
+    from concurrent.futures import ThreadPoolExecutor  # pylint: disable=g-import-not-at-top
+    cache = ShardIndexCache(cache_dir, dict(settings, kind=kind)) if cache_dir else None
+
+    def one(shard: str) -> dict:
+        if cache is not None:
+            hit = cache.get(shard)
+            if hit is not None:
+                return hit
+        part = Index([shard], [])
+        try:
+            index_one(shard, part)
+        except _UNREADABLE as e:
+            log.warning("skipping unreadable shard %s (%s: %s)", shard, type(e).__name__, e)
+            return {"records": [], "dropped": {}, "bad": f"{type(e).__name__}: {e}", "unreadable": True}
+        entry = {"records": [list(r[1:]) for r in part.records], "dropped": part.dropped,
+                 "bad": part.bad_shards.get(shard)}
+        if cache is not None:
+            try:
+                cache.put(shard, entry)
+            except OSError as e:  # a read-only cache still serves what it has
+                log.warning("cannot write the index cache for %s (%s)", shard, e)
+        return entry
+
+    start = (process_index * len(shards)) // max(1, process_count)
+    order = shards[start:] + shards[:start]
+    with ThreadPoolExecutor(max(1, min(threads, len(shards)))) as pool:
+        entries = dict(zip(order, pool.map(one, order)))
+    index = Index(shards, [])
+    for shard_id, shard in enumerate(shards):
+        entry = entries[shard]
+        index.records.extend((shard_id, *(tuple(x) if isinstance(x, list) else x for x in r))
+                             for r in entry["records"])
+        for cause, n in entry["dropped"].items():
+            index.dropped[cause] = index.dropped.get(cause, 0) + n
+        if entry["bad"]:
+            index.bad_shards[shard] = entry["bad"]
+    log.info("%s: %s", kind, index.summary())
+    return index
+
+
 def _split_member(name: str) -> tuple[str, str]:
     """'dir/000123.jpg' -> ('dir/000123', 'jpg'): the key is everything before the first dot of the basename."""
     slash = name.rfind("/")
@@ -195,18 +283,15 @@ def _read_at(path: str, offset: int, size: int) -> bytes:
 class WebDatasetSource:
     """img2dataset WebDataset shards: `{key}.jpg|png|webp` with `{key}.txt` and `{key}.json`."""
 
-    def __init__(self, patterns, *, caption_required: bool = True, filters: Filters = Filters()):
-        self.index = Index(list_shards(patterns, ".tar"), [])
+    def __init__(self, patterns, *, caption_required: bool = True, filters: Filters = Filters(), **index_kw):
         self._caption_required = caption_required
-        for shard_id, shard in enumerate(self.index.shards):
-            try:
-                self._index_shard(shard_id, shard, filters)
-            except (OSError, tarfile.TarError, EOFError) as e:
-                self.index.bad_shards[shard] = f"{type(e).__name__}: {e}"
-                log.warning("skipping unreadable shard %s (%s: %s)", shard, type(e).__name__, e)
-        log.info("webdataset: %s", self.index.summary())
+        self.index = build_index("webdataset", list_shards(patterns, ".tar"),
+                                 lambda shard, part: self._index_shard(shard, part, filters),
+                                 dict(caption_required=caption_required, filters=dataclasses.asdict(filters)),
+                                 **index_kw)
 
-    def _index_shard(self, shard_id: int, shard: str, filters: Filters):
+    def _index_shard(self, shard: str, index: Index, filters: Filters):
+        shard_id = 0
         groups: dict[str, dict[str, tuple[int, int]]] = {}
         order: list[str] = []
         with _path(shard).open("rb") as f:
@@ -238,17 +323,17 @@ class WebDatasetSource:
                 cut = cut or 1
                 log.warning("shard %s: %s: %s", shard, type(e).__name__, e)
             if cut:
-                self.index.bad_shards[shard] = f"truncated after {len(order)} keys"
+                index.bad_shards[shard] = f"truncated after {len(order)} keys"
                 log.warning("shard %s is truncated; reading the %d keys before the damage", shard, len(order))
             for key in order:
                 members = groups[key]
                 image_ext = next((e for e in IMAGE_EXTS if e in members), None)
                 if image_ext is None:
-                    self.index.drop("no_image")
+                    index.drop("no_image")
                     continue
                 # img2dataset writes an empty .txt for a row without caption: no caption either.
                 if self._caption_required and members.get("txt", (0, 0))[1] == 0:
-                    self.index.drop("no_caption")
+                    index.drop("no_caption")
                     continue
                 if filters.active:
                     meta = {}
@@ -261,9 +346,9 @@ class WebDatasetSource:
                             meta = {}
                     why = filters.reason(meta)
                     if why:
-                        self.index.drop(why)
+                        index.drop(why)
                         continue
-                self.index.records.append((shard_id, key, members[image_ext], members.get("txt")))
+                index.records.append((shard_id, key, members[image_ext], members.get("txt")))
 
     def __len__(self):
         return len(self.index.records)
@@ -284,48 +369,50 @@ class ParquetSource:
     """img2dataset Parquet shards: `caption`, `key`, metadata columns, the image bytes under the encode
     format's name (`jpg`, `png`, `webp`); rows of failed downloads (null image) are left out."""
 
-    def __init__(self, patterns, *, caption_required: bool = True, filters: Filters = Filters()):
+    def __init__(self, patterns, *, caption_required: bool = True, filters: Filters = Filters(), **index_kw):
+        self._caption_required, self._filters = caption_required, filters
+        self.index = build_index("parquet", list_shards(patterns, ".parquet"), self._index_shard,
+                                 dict(caption_required=caption_required, filters=dataclasses.asdict(filters)),
+                                 **index_kw)
+
+    def _index_shard(self, shard: str, index: Index):
         import pyarrow.parquet as pq
-        self.index = Index(list_shards(patterns, ".parquet"), [])
-        self._columns: dict[int, str] = {}
-        for shard_id, shard in enumerate(self.index.shards):
-            try:
-                with _path(shard).open("rb") as f:
-                    pf = pq.ParquetFile(f)
-                    names = pf.schema_arrow.names
-                    col = next((c for c in IMAGE_EXTS if c in names), "")
-                    if not col:
-                        raise OSError(f"no image column: expected one named {IMAGE_EXTS}")
-                    self._columns[shard_id] = col
-                    meta_cols = [c for c in names if c != col]
-                    for group in range(pf.num_row_groups):
-                        table = pf.read_row_group(group, columns=meta_cols + [col])
-                        images = table.column(col)
-                        rows = table.drop([col]).to_pylist()
-                        for row_in_group, (row, image) in enumerate(zip(rows, images)):
-                            if not image.is_valid:
-                                self.index.drop("failed_download")
-                                continue
-                            if caption_required and not row.get("caption"):
-                                self.index.drop("no_caption")
-                                continue
-                            why = filters.reason(row) if filters.active else None
-                            if why:
-                                self.index.drop(why)
-                                continue
-                            self.index.records.append((shard_id, group, row_in_group))
-            except Exception as e:  # pylint: disable=broad-except  (pyarrow raises its own types)
-                self.index.bad_shards[shard] = f"{type(e).__name__}: {e}"
-                log.warning("skipping unreadable shard %s (%s: %s)", shard, type(e).__name__, e)
-        log.info("parquet: %s", self.index.summary())
+        try:
+            with _path(shard).open("rb") as f:
+                pf = pq.ParquetFile(f)
+                names = pf.schema_arrow.names
+                col = next((c for c in IMAGE_EXTS if c in names), "")
+                if not col:
+                    raise OSError(f"no image column: expected one named {IMAGE_EXTS}")
+                meta_cols = [c for c in names if c != col]
+                for group in range(pf.num_row_groups):
+                    table = pf.read_row_group(group, columns=meta_cols + [col])
+                    images = table.column(col)
+                    rows = table.drop([col]).to_pylist()
+                    for row_in_group, (row, image) in enumerate(zip(rows, images)):
+                        if not image.is_valid:
+                            index.drop("failed_download")
+                            continue
+                        if self._caption_required and not row.get("caption"):
+                            index.drop("no_caption")
+                            continue
+                        why = self._filters.reason(row) if self._filters.active else None
+                        if why:
+                            index.drop(why)
+                            continue
+                        index.records.append((0, group, row_in_group, col))
+        except _UNREADABLE:
+            raise
+        except Exception as e:  # pylint: disable=broad-except  (pyarrow raises its own types)
+            raise OSError(f"{type(e).__name__}: {e}") from e
 
     def __len__(self):
         return len(self.index.records)
 
     def __getitem__(self, i: int) -> dict:
         import pyarrow.parquet as pq
-        shard_id, group, row = self.index.records[i]
-        shard, col = self.index.shards[shard_id], self._columns[shard_id]
+        shard_id, group, row, col = self.index.records[i]
+        shard = self.index.shards[shard_id]
         try:
             # One row group per read: img2dataset writes small groups; large ones make this slow.
             with _path(shard).open("rb") as f:
@@ -352,29 +439,25 @@ class TFRecordSource:
     found once by reading the length prefixes (TFRecord framing: 8-byte length, 4-byte CRC, data,
     4-byte CRC); a record read is one seek and one read."""
 
-    def __init__(self, patterns, *, caption_required: bool = True, filters: Filters = Filters()):
-        self.index = Index(list_shards(patterns, ".tfrecord"), [])
+    def __init__(self, patterns, *, caption_required: bool = True, filters: Filters = Filters(), **index_kw):
         self._caption_required, self._filters = caption_required, filters
-        for shard_id, shard in enumerate(self.index.shards):
-            try:
-                self._index_shard(shard_id, shard)
-            except OSError as e:
-                self.index.bad_shards[shard] = f"{type(e).__name__}: {e}"
-                log.warning("skipping unreadable shard %s (%s: %s)", shard, type(e).__name__, e)
-        log.info("tfrecord: %s", self.index.summary())
+        self.index = build_index("tfrecord", list_shards(patterns, ".tfrecord"), self._index_shard,
+                                 dict(caption_required=caption_required, filters=dataclasses.asdict(filters)),
+                                 **index_kw)
 
-    def _index_shard(self, shard_id: int, shard: str):
+    def _index_shard(self, shard: str, index: Index):
+        shard_id = 0
         with _path(shard).open("rb") as f:
             size, offset = f.seek(0, 2), 0
             f.seek(0)
             while offset < size:
                 head = f.read(12)
                 if len(head) < 12:
-                    self.index.bad_shards[shard] = f"truncated at byte {offset}"
+                    index.bad_shards[shard] = f"truncated at byte {offset}"
                     break
                 length = int.from_bytes(head[:8], "little")
                 if offset + 16 + length > size:
-                    self.index.bad_shards[shard] = f"truncated at byte {offset}"
+                    index.bad_shards[shard] = f"truncated at byte {offset}"
                     break
                 data = f.read(length) if self._filters.active or self._caption_required else None
                 if data is None:
@@ -384,18 +467,18 @@ class TFRecordSource:
                 if data is not None:
                     fields = _example_fields(data)
                     if not any(e in fields for e in IMAGE_EXTS):
-                        self.index.drop("no_image")
+                        index.drop("no_image")
                         keep = False
                     elif self._caption_required and not fields.get("txt"):
-                        self.index.drop("no_caption")
+                        index.drop("no_caption")
                         keep = False
                     elif self._filters.active:
                         why = self._filters.reason(fields)
                         if why:
-                            self.index.drop(why)
+                            index.drop(why)
                             keep = False
                 if keep:
-                    self.index.records.append((shard_id, offset + 12, length))
+                    index.records.append((shard_id, offset + 12, length))
                 offset += 16 + length
 
     def __len__(self):
@@ -485,8 +568,9 @@ class FolderSource:
         return out
 
 
-def open_records(cfg: dict, split: str):
-    """The source config.data names for `split` (train: data.shards, else data.eval_shards)."""
+def open_records(cfg: dict, split: str, process_index: int = 0, process_count: int = 1):
+    """The source config.data names for `split` (train: data.shards, else data.eval_shards); the
+    process only decides where this host starts indexing (see build_index), not the result."""
     kind = cfg["source"]
     patterns = cfg["shards"] if split == cfg["train_split"] else cfg["eval_shards"]
     if not patterns:
@@ -496,12 +580,14 @@ def open_records(cfg: dict, split: str):
     filters = Filters(int(cfg["min_width"]), int(cfg["min_height"]), float(cfg["max_aspect_ratio"]),
                       cfg["filter_where"] or "")
     wants_caption = "caption" in cfg["keys"]
+    kw = dict(caption_required=wants_caption, filters=filters, cache_dir=cfg["index_cache"] or "",
+              threads=int(cfg["index_threads"]), process_index=process_index, process_count=process_count)
     if kind == "webdataset":
-        source = WebDatasetSource(patterns, caption_required=wants_caption, filters=filters)
+        source = WebDatasetSource(patterns, **kw)
     elif kind == "parquet":
-        source = ParquetSource(patterns, caption_required=wants_caption, filters=filters)
+        source = ParquetSource(patterns, **kw)
     elif kind == "tfrecord":
-        source = TFRecordSource(patterns, caption_required=wants_caption, filters=filters)
+        source = TFRecordSource(patterns, **kw)
     elif kind == "folder":
         source = FolderSource(patterns, labels=bool(cfg["folder_labels"]), caption_required=wants_caption,
                               filters=filters)

@@ -10,9 +10,10 @@ plain self-attention AttentionBlock (the paper's unconditional and concat-condit
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from latent_diffusion.models.attention import AttentionBlock, SpatialTransformer
@@ -89,6 +90,20 @@ class ResBlock(nn.Module):
         return x + h
 
 
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def rematted(cls, remat, static_argnums=()):
+    """`cls` under the remat policy `remat` (UNet.remat: a bool or one of REMAT_POLICIES)."""
+    name = {False: "none", True: "full"}.get(remat, remat) if isinstance(remat, bool) else str(remat)
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"UNet: remat must be one of {REMAT_POLICIES} (or a bool), got {remat!r}")
+    if name == "none":
+        return cls
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if name == "dots" else None
+    return nn.remat(cls, static_argnums=static_argnums, policy=policy)
+
+
 class UNet(nn.Module):
     """Time-conditional UNet; `apply({'params': p}, x, t, context=..., y=...)` -> same shape as x with out_channels.
 
@@ -130,7 +145,10 @@ class UNet(nn.Module):
     num_classes: Optional[int] = None
     adm_in_channels: Optional[int] = None
     legacy: bool = True
-    remat: bool = False
+    # Rematerialisation of each ResBlock and attention block: False / 'none', True / 'full' (keep only the
+    # block inputs), or 'dots' (keep the matmul outputs without a batch dimension: the attention and
+    # feed-forward projections; convolutions and attention scores are recomputed). See REMAT_POLICIES.
+    remat: Union[bool, str] = False
     # jax.nn.dot_product_attention's implementation: None lets XLA choose; 'cudnn' is the fused
     # (flash) kernel on NVIDIA GPUs, for bfloat16/float16 compute.
     attention_impl: Optional[str] = None
@@ -181,9 +199,9 @@ class UNet(nn.Module):
     def __call__(self, x, t, context=None, y=None, *, deterministic: bool = True):
         self._check(x, context, y)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
-        attn_cls = nn.remat(SpatialTransformer, static_argnums=(3,)) if self.remat else SpatialTransformer
-        block_cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+        res_cls = rematted(ResBlock, self.remat, static_argnums=(3,))
+        attn_cls = rematted(SpatialTransformer, self.remat, static_argnums=(3,))
+        block_cls = rematted(AttentionBlock, self.remat)
 
         def res(name, ch, h, resample=None):
             return res_cls(ch, self.dropout, self.use_scale_shift_norm, resample, **kw,

@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -114,6 +115,37 @@ def test_webdataset_index_counts_what_it_leaves_out(wds):
     assert first["caption"] == "caption 000000000" and Image.open(io.BytesIO(first["image"])).size == (20, 24)
     with pytest.raises(ValueError, match="cannot read 'aesthetic=5'"):
         sources.Filters(where="aesthetic=5")
+
+
+def test_index_cache_scans_each_shard_once(wds, tmp_path, monkeypatch):
+    """data.index_cache: the same index from the cache, from any host's starting point and any thread
+    count; a cached shard is not scanned again, a changed one is; unreadable shards are not cached."""
+    patterns, filters = [f"{wds}/{{00000..00003}}.tar"], sources.Filters(min_width=256, where="aesthetic>=5")
+    plain = sources.WebDatasetSource(patterns, filters=filters).index
+    cache = str(tmp_path / "index")
+    first = sources.WebDatasetSource(patterns, filters=filters, cache_dir=cache, threads=3, process_index=1,
+                                     process_count=2).index
+    assert first == plain and len(os.listdir(cache)) == 4  # the empty shard too; the truncated one as such
+    scanned = []
+    real = sources.WebDatasetSource._index_shard
+    monkeypatch.setattr(sources.WebDatasetSource, "_index_shard",
+                        lambda self, shard, *a: scanned.append(shard) or real(self, shard, *a))
+    again = sources.WebDatasetSource(patterns, filters=filters, cache_dir=cache, threads=1).index
+    assert again == plain and scanned == []
+    # Other filters are another cache entry; a rewritten shard is indexed again.
+    sources.WebDatasetSource(patterns, cache_dir=cache)
+    assert len(scanned) == 4 and len(os.listdir(cache)) == 8
+    scanned.clear()
+    copy = tmp_path / "copy"
+    shutil.copytree(wds, copy)
+    moved = [f"{copy}/{{00000..00003}}.tar"]
+    sources.WebDatasetSource(moved, cache_dir=cache)
+    assert len(scanned) == 4
+    scanned.clear()
+    (copy / "00001.tar").write_bytes((copy / "00000.tar").read_bytes())
+    os.utime(copy / "00001.tar", (1, 1))
+    sources.WebDatasetSource(moved, cache_dir=cache)
+    assert scanned == [str(copy / "00001.tar")]
 
 
 def test_loader_reads_webdataset_and_counts_bad_images(wds):

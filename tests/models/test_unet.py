@@ -68,10 +68,19 @@ def test_remat_gives_same_output_and_grads():
         return jnp.mean(m.apply({"params": p}, x, t, context=ctx) ** 2)
 
     v0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(module, p)))(params)
-    v1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(params)
-    np.testing.assert_allclose(v0, v1, rtol=1e-5)
-    for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for policy in (True, "dots"):  # full remat, and the policy that keeps the projections' outputs
+        step = jax.jit(jax.value_and_grad(lambda p: loss(remat.clone(remat=policy), p)))
+        v1, g1 = step(params)
+        np.testing.assert_allclose(v0, v1, rtol=1e-5)
+        for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # The policies are real: full remat recomputes the forward inside the backward pass, more than 'dots'.
+    hlo = {p: jax.jit(jax.grad(lambda q: loss(remat.clone(remat=p), q))).lower(params).compile().as_text()
+           for p in ("none", "full", "dots")}
+    convs = {p: h.count("convolution(") for p, h in hlo.items()}
+    assert convs["none"] < convs["dots"] <= convs["full"], convs
+    with pytest.raises(ValueError, match="remat must be one of"):
+        UNet(**one_level, remat="some").init(jax.random.key(0), x, t, context=ctx)
 
 
 def test_attention_implementation_reaches_every_attention():
