@@ -10,8 +10,9 @@ from latent_diffusion import config_fields
 def unet(*, in_channels, out_channels, model_channels, channel_mult, attention_resolutions, num_res_blocks=2,
          num_heads=-1, num_head_channels=-1, transformer_depth=1, context_dim=None, num_classes=None,
          dropout=0.0, use_linear_in_transformer=False, use_scale_shift_norm=False, legacy=True,
-         use_spatial_transformer=True, resblock_updown=False, dtype="float32", remat=False):
-    """UNet fields; use_spatial_transformer=False gives CompVis' AttentionBlock (no cross-attention)."""
+         use_spatial_transformer=True, resblock_updown=False, dtype="float32", remat="none"):
+    """UNet fields; use_spatial_transformer=False gives CompVis' AttentionBlock (no cross-attention).
+    remat: 'none', 'full' or 'dots' (models/unet.py REMAT_POLICIES), a str so the command line can pick one."""
     return ml_collections.ConfigDict(dict(
         in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
         channel_mult=tuple(channel_mult), attention_resolutions=tuple(attention_resolutions),

@@ -43,7 +43,7 @@ def get_config(arg=None):
     c.first_stage = ldm_common.first_stage("kl", 8, scale_factor=0.18215)
     c.unet = ldm_common.unet(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),
                              attention_resolutions=(4, 2, 1), num_res_blocks=2, num_heads=8,
-                             transformer_depth=1, context_dim=1280, legacy=False, remat=True)
+                             transformer_depth=1, context_dim=1280, legacy=False, remat="full")
     c.conditioning = ldm_common.conditioning(crossattn="text")
     c.conditioning.text.tokenizer = "bert:bert-base-uncased"
     c.conditioning.text.vocab_size = 30522

@@ -27,7 +27,7 @@ def get_config(arg=None):
     c.unet = ldm_common.unet(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),
                              attention_resolutions=(4, 2, 1), num_res_blocks=2, num_head_channels=64,
                              transformer_depth=1, context_dim=1024, use_linear_in_transformer=True,
-                             legacy=False, remat=True)
+                             legacy=False, remat="full")
     c.conditioning.text.update(tokenizer="", checkpoint="", penultimate=False)
     c.conditioning.text.model = sd_v1.clip_text_model(width=1024, layers=23, heads=16, mlp_dim=4096,
                                                       hidden_act="gelu")
